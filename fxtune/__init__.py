@@ -1,0 +1,43 @@
+"""fxtune: torch.fx graph-rewriting passes for parameter-efficient fine-tuning and compression.
+
+    gm = fxtune.trace(model)
+    gm = lora(gm, targets="layer4.*", r=8)     # from fxtune.passes import lora, fuse
+    fused = fuse(gm)                            # fused.code == fxtune.trace(model).code
+"""
+
+from .edit import Rewrite
+from .emit import Emitter
+from .errors import AdapterError, FusionError, FxtuneError, FxtuneWarning, SelectionError, TraceError
+from .folding import fold
+from .inspection import diff, summary, trainable_parameters
+from .kinds import AdapterKind, get_kind, register_kind
+from .pipeline import Pipeline
+from .selection import sites
+from .sites import Site
+from .slots import AdapterSlot
+from .tracing import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "AdapterKind",
+    "AdapterSlot",
+    "Emitter",
+    "FusionError",
+    "FxtuneError",
+    "FxtuneWarning",
+    "Pipeline",
+    "Rewrite",
+    "SelectionError",
+    "Site",
+    "TraceError",
+    "diff",
+    "fold",
+    "get_kind",
+    "register_kind",
+    "sites",
+    "summary",
+    "trace",
+    "trainable_parameters",
+]

@@ -1,0 +1,88 @@
+"""The working copy a pass edits: select weights, attach adapters, then realise them once.
+
+A pass reads like this (its own code stays about the technique):
+
+    rw = Rewrite(gm, kind="lora", adapter=adapter)
+    for target, sites in rw.select(targets, exclude=exclude).items():
+        rw.attach(target, params={"lora_a": a, "lora_b": b}, config={"scale": s}, form="activation")
+    return rw.finish()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import AdapterError
+from .kinds import get_kind
+from .ownership import clone_graph_module
+from .rewrite import rebuild
+from .selection import Selector, select_targets
+from .sites import Site
+from .slots import AdapterSlot, add_slot, all_slots, next_order
+
+
+class Rewrite:
+    """A pass's own copy of `gm` (input untouched, base frozen) and the adapters it adds."""
+
+    def __init__(self, gm: fx.GraphModule, *, kind: str, adapter: str = "default"):
+        if not isinstance(gm, fx.GraphModule):
+            raise AdapterError(f"passes take a GraphModule (use fxtune.trace(model) first), got {type(gm).__name__}")
+        if not adapter.isidentifier():
+            raise AdapterError(f"adapter name {adapter!r} must be a Python identifier (it becomes an attribute)")
+        self.gm = clone_graph_module(gm)
+        self.kind = get_kind(kind)
+        self.adapter = adapter
+        self.touched: set[str] = set()
+        other = {s.kind for s in all_slots(self.gm) if s.adapter == adapter} - {self.kind.name}
+        if other:
+            raise AdapterError(
+                f"adapter '{adapter}' is a {other.pop()} adapter; it can only be extended with the same "
+                f"kind. Give the {self.kind.name} adapter another name: adapter='...'"
+            )
+
+    def select(self, targets: Selector = None, *, exclude: Selector = None) -> dict[str, list[Site]]:
+        """Chosen sites grouped by weight (module path); shared weights come whole or not at all."""
+        return select_targets(self.gm, targets, exclude=exclude)
+
+    def weight(self, target: str) -> torch.Tensor:
+        """The current base weight of `target`, detached (read it, never write it)."""
+        return self.gm.get_submodule(target).weight.detach()
+
+    def replace_base_weight(self, target: str, weight: torch.Tensor) -> None:
+        """Gives the GraphModule's own copy of `target` a new (frozen) weight tensor; the model's stays."""
+        module = self.gm.get_submodule(target)
+        module._parameters["weight"] = nn.Parameter(weight.detach().clone(), requires_grad=False)
+
+    def attach(
+        self,
+        target: str,
+        *,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor] | None = None,
+        modules: dict[str, nn.Module] | None = None,
+        config: dict[str, Any] | None = None,
+        form: str = "weight",
+        reason: str = "",
+    ) -> AdapterSlot:
+        """Adds this pass's adapter on the weight at `target` (trainable `params`, fixed `buffers`)."""
+        if form not in ("weight", "activation"):
+            raise AdapterError(f"form must be 'weight' or 'activation', got {form!r} for '{target}'")
+        slot = AdapterSlot(self.kind.name, target, self.adapter, config or {}, form, next_order(self.gm))
+        slot.form_reason = reason
+        for name, value in params.items():
+            slot.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=True))
+        for name, value in (buffers or {}).items():
+            slot.register_buffer(name, value.detach().clone())
+        for name, module in (modules or {}).items():
+            slot.add_module(name, module)
+        add_slot(self.gm, slot)
+        self.touched.add(target)
+        return slot
+
+    def finish(self) -> fx.GraphModule:
+        """Realises the new adapters as graph code (lint and recompile once) and returns the GraphModule."""
+        rebuild(self.gm, self.touched)
+        return self.gm

@@ -1,0 +1,126 @@
+"""Emitting nodes for one site: readable names, `node.meta["fxtune"]` tags, site geometry.
+
+An adapter kind's activation form receives an `Emitter`; everything it creates is tagged with
+the site, adapter, kind and role, which is how the core later finds and removes it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .sites import Site
+
+META = "fxtune"
+
+_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+
+
+def site_prefix(site: Site, adapter: str | None = None) -> str:
+    """Node-name prefix of a site (`layer1.0.conv1` -> `layer1_0_conv1`), plus a non-default adapter."""
+    key = site.name.replace(".", "_").replace("@", "_call")
+    return key if adapter in (None, "default") else f"{key}_{adapter}"
+
+
+class Emitter:
+    """Creates tagged nodes at the graph's current insertion point for one site."""
+
+    def __init__(self, gm: fx.GraphModule, site: Site, *, adapter: str | None = None, kind: str | None = None):
+        self.gm = gm
+        self.graph = gm.graph
+        self.site = site
+        self.adapter = adapter
+        self.kind = kind
+        self.slot_path: str | None = None
+        self.created: list[fx.Node] = []
+
+    def for_slot(self, adapter: str, kind: str, slot_path: str) -> "Emitter":
+        """An emitter for one adapter of this site, sharing the list of created nodes."""
+        em = Emitter(self.gm, self.site, adapter=adapter, kind=kind)
+        em.slot_path = slot_path
+        em.created = self.created
+        return em
+
+    def name(self, role: str) -> str:
+        return f"{site_prefix(self.site, self.adapter)}_{role}"
+
+    def _tag(self, node: fx.Node, role: str) -> fx.Node:
+        node.meta[META] = {"site": self.site.name, "adapter": self.adapter, "kind": self.kind, "role": role}
+        self.created.append(node)
+        return node
+
+    def get_attr(self, qualname: str, role: str) -> fx.Node:
+        return self._tag(self.graph.create_node("get_attr", qualname, name=self.name(role)), role)
+
+    def call(self, fn: Callable, *args: Any, role: str, **kwargs: Any) -> fx.Node:
+        return self._tag(self.graph.create_node("call_function", fn, args, kwargs, name=self.name(role)), role)
+
+    def method(self, method: str, *args: Any, role: str, **kwargs: Any) -> fx.Node:
+        return self._tag(self.graph.create_node("call_method", method, args, kwargs, name=self.name(role)), role)
+
+    def module(self, child: str, *args: Any, role: str) -> fx.Node:
+        """Calls a submodule of this adapter's slot (e.g. its dropout)."""
+        target = f"{self.slot_path}.{child}"
+        return self._tag(self.graph.create_node("call_module", target, args, {}, name=self.name(role)), role)
+
+    def add(self, a: Any, b: Any, *, role: str) -> fx.Node:
+        return self.call(operator.add, a, b, role=role)
+
+    def mul(self, a: Any, b: Any, *, role: str) -> fx.Node:
+        return self.call(operator.mul, a, b, role=role)
+
+    def site_call(self, x: fx.Node, weight: Any, bias: Any = None, *, groups: int | None = None, role: str) -> fx.Node:
+        """The site's own operation on `x` with another weight: same stride, padding, dilation, padding_mode."""
+        fn, args = site_call_args(self.site, x, weight, bias, groups=groups, pad=lambda *a: self.call(F.pad, *a, role=f"{role}_pad"))
+        return self.call(fn, *args, role=role)
+
+    def pointwise(self, x: fx.Node, weight: Any, *, groups: int = 1, role: str) -> fx.Node:
+        """A 1x1 conv (or a linear) of `x` with `weight`: mixes channels only."""
+        if not self.site.is_conv:
+            return self.call(F.linear, x, weight, role=role)
+        return self.call(_CONV[self.site.kind], x, weight, None, 1, 0, 1, groups, role=role)
+
+    def channel_view(self, vector: Any, *, role: str) -> fx.Node | Any:
+        """Reshapes a per-channel vector so it broadcasts over the site's channel dimension."""
+        if not self.site.is_conv:
+            return vector
+        return self.method("view", vector, -1, *([1] * len(self.site.kernel_size)), role=role)
+
+
+def site_call_args(
+    site: Site, x: Any, weight: Any, bias: Any, *, groups: int | None = None, pad: Callable | None = None
+) -> tuple[Callable, tuple]:
+    """`(fn, args)` of the functional op equal to calling the site's module with `weight`, `bias`.
+
+    A conv with padding_mode other than zeros is explicit `F.pad` then an unpadded conv,
+    exactly what the module does; `pad(x, amounts, mode)` creates that node.
+    """
+    m = site.module
+    if not site.is_conv:
+        return F.linear, (x, weight, bias)
+    groups = m.groups if groups is None else groups
+    padding = m.padding
+    if m.padding_mode != "zeros":
+        x = pad(x, tuple(m._reversed_padding_repeated_twice), m.padding_mode)
+        padding = 0
+    return _CONV[site.kind], (x, weight, bias, tuple(m.stride), _plain(padding), tuple(m.dilation), groups)
+
+
+def _plain(padding: Any) -> Any:
+    return padding if isinstance(padding, (str, int)) else tuple(padding)
+
+
+def is_tagged(node: fx.Node) -> bool:
+    return META in node.meta
+
+
+def tag_of(node: fx.Node) -> dict | None:
+    return node.meta.get(META)
+
+
+def as_tensor_shape(t: torch.Tensor) -> str:
+    return "x".join(str(d) for d in t.shape)

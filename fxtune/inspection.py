@@ -1,0 +1,80 @@
+"""Looking at a GraphModule: its sites and adapters as a table, code diffs, trainable parameters."""
+
+from __future__ import annotations
+
+import difflib
+
+from tabulate import tabulate
+from torch import fx, nn
+
+from .ownership import NAMESPACE
+from .rewrite import effective_forms
+from .sites import all_sites
+from .slots import slots_on
+
+
+def trainable_parameters(gm: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should update: the adapters' (and modules trained with them)."""
+    return [p for name, p in gm.named_parameters() if name.startswith(NAMESPACE + ".") and p.requires_grad]
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "×".join(str(d) for d in shape)
+
+
+def summary_rows(gm: fx.GraphModule) -> list[dict]:
+    """One record per call site: its module, weight shape, adapters (with the form used) and counts."""
+    rows, counted = [], set()
+    for site in all_sites(gm):
+        slots = slots_on(gm, site.target, active_only=False)
+        active = [s for s in slots if s.active]
+        forms = dict(zip(map(id, active), effective_forms(site, active)))
+        labels = []
+        for slot in slots:
+            form, reason = forms.get(id(slot), ("inactive", ""))
+            label = f"{slot.adapter}:{slot.kind}[{form}]"
+            labels.append(label + (f" ({reason})" if reason and form == "weight" else ""))
+        first = site.target not in counted
+        counted.add(site.target)
+        params = sum(s.num_params() for s in slots) if first else 0
+        trainable = sum(p.numel() for s in slots for p in s.parameters() if p.requires_grad) if first else 0
+        rows.append(
+            {
+                "site": site.name,
+                "module": site.type_name,
+                "weight": _shape(site.weight_shape),
+                "adapters": ", ".join(labels) if first else f"(shares {site.target})",
+                "params": params,
+                "trainable": trainable,
+                "adapted": bool(slots),
+            }
+        )
+    return rows
+
+
+def summary(gm: fx.GraphModule) -> str:
+    """A table of call sites with their adapters, and a totals line with the trainable share."""
+    rows = summary_rows(gm)
+    table = tabulate(
+        [[r["site"], r["module"], r["weight"], r["adapters"] or "-", f"{r['params']:,}", f"{r['trainable']:,}"] for r in rows],
+        headers=["site", "module", "weight", "adapters", "params", "trainable"],
+        colalign=("left", "left", "left", "left", "right", "right"),
+    )
+    total = sum(p.numel() for p in gm.parameters())
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    adapted = sum(1 for r in rows if r["adapted"])
+    share = 100.0 * trainable / total if total else 0.0
+    return (
+        f"{table}\n{adapted}/{len(rows)} sites adapted · trainable {trainable:,} of {total:,} parameters "
+        f"({share:.3f}%)"
+    )
+
+
+def diff(before: fx.GraphModule | str, after: fx.GraphModule | str, *, context: int = 3) -> str:
+    """Unified diff of the generated code of two GraphModules ('' when the code is identical)."""
+    a = before if isinstance(before, str) else before.code
+    b = after if isinstance(after, str) else after.code
+    lines = difflib.unified_diff(
+        a.strip("\n").splitlines(), b.strip("\n").splitlines(), "before", "after", n=context, lineterm=""
+    )
+    return "\n".join(lines)

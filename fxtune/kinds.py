@@ -1,0 +1,72 @@
+"""Adapter kinds: what an adapter means, as a weight transform, and how it may act on activations.
+
+A kind is registered once by the module that defines it (a file in `passes/`, or user code).
+The core only ever calls its functions; it knows no particular adapter.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import Tensor
+
+from .errors import AdapterError
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """One adapter technique.
+
+    weight(w, **inputs) -> w'        the meaning on the weight (shape kept), a module-level function
+    bias(b, **inputs) -> b'          optional, the meaning on the bias (called only if the site has one)
+    activation(emit, x, y, inputs)   optional, emits graph nodes computing the adapted output from
+                                     the site input `x` and current output `y`; returns the new output
+    activation_blocker(site, config) optional, returns why a site cannot take the activation form
+    `inputs` holds the adapter's tensors (parameters and persistent buffers) and its settings.
+    """
+
+    name: str
+    weight: Callable[..., Tensor]
+    bias: Callable[..., Tensor] | None = None
+    activation: Callable[..., Any] | None = None
+    activation_blocker: Callable[..., str | None] | None = None
+    _accepts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def accepted(self, fn: Callable, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The subset of `inputs` that `fn` declares (all of them if it takes **kwargs)."""
+        if fn not in self._accepts:
+            params = inspect.signature(fn).parameters.values()
+            if any(p.kind is p.VAR_KEYWORD for p in params):
+                self._accepts[fn] = None
+            else:
+                self._accepts[fn] = {p.name for p in params}
+        names = self._accepts[fn]
+        return dict(inputs) if names is None else {k: v for k, v in inputs.items() if k in names}
+
+
+_REGISTRY: dict[str, AdapterKind] = {}
+
+
+def register_kind(kind: AdapterKind) -> AdapterKind:
+    """Makes a kind known to fusion, summary and emission; re-registering a name replaces it."""
+    for fn in (kind.weight, kind.bias):
+        if fn is not None and "<locals>" in getattr(fn, "__qualname__", ""):
+            raise AdapterError(
+                f"adapter kind '{kind.name}': {fn.__qualname__} is a local function; graph code can "
+                "only call module-level functions, so define it at the top level of a module"
+            )
+    _REGISTRY[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> AdapterKind:
+    """The registered kind called `name`."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise AdapterError(
+            f"adapter kind '{name}' is not registered; import the module that defines it "
+            f"(known kinds: {sorted(_REGISTRY)})"
+        ) from None

@@ -1,0 +1,84 @@
+"""Chaining passes with a record of what each one did (sites touched, parameters added, time)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from tabulate import tabulate
+from torch import fx
+
+from .sites import all_sites
+from .slots import slots_on
+
+Pass = Callable[[fx.GraphModule], fx.GraphModule]
+
+
+@dataclass
+class PassRecord:
+    name: str
+    sites_touched: int
+    params_added: int
+    trainable: int
+    seconds: float
+
+
+def _fingerprint(gm: fx.GraphModule) -> dict[str, tuple]:
+    """Per site: its adapters and the identity of its weight, to tell which sites a pass changed."""
+    out = {}
+    for site in all_sites(gm):
+        slots = slots_on(gm, site.target, active_only=False)
+        weight = site.module.weight
+        out[site.name] = (
+            tuple((s.adapter, s.kind, s.active, s.order) for s in slots),
+            weight.data_ptr(),
+            tuple(weight.shape),
+            type(site.module),
+        )
+    return out
+
+
+def _name(step: Pass) -> str:
+    if isinstance(step, functools.partial):
+        options = ", ".join(f"{k}={v!r}" for k, v in step.keywords.items())
+        return f"{_name(step.func)}({options})"
+    return getattr(step, "__name__", type(step).__name__)
+
+
+class Pipeline:
+    """Runs passes in order; `report()` shows a table of what each did.
+
+    Steps are callables GraphModule -> GraphModule (use functools.partial for options) or
+    `(pass, {"option": value})` pairs.
+    """
+
+    def __init__(self, passes: Iterable[Pass | tuple[Pass, dict[str, Any]]]):
+        self.passes = [functools.partial(p[0], **p[1]) if isinstance(p, tuple) else p for p in passes]
+        self.records: list[PassRecord] = []
+
+    def run(self, gm: fx.GraphModule) -> fx.GraphModule:
+        self.records = []
+        for step in self.passes:
+            before = _fingerprint(gm)
+            params_before = sum(p.numel() for p in gm.parameters())
+            start = time.perf_counter()
+            gm = step(gm)
+            seconds = time.perf_counter() - start
+            after = _fingerprint(gm)
+            touched = sum(1 for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+            self.records.append(
+                PassRecord(
+                    name=_name(step),
+                    sites_touched=touched,
+                    params_added=sum(p.numel() for p in gm.parameters()) - params_before,
+                    trainable=sum(p.numel() for p in gm.parameters() if p.requires_grad),
+                    seconds=seconds,
+                )
+            )
+        return gm
+
+    def report(self) -> str:
+        rows = [[r.name, r.sites_touched, f"{r.params_added:+,}", f"{r.trainable:,}", f"{r.seconds:.3f}"] for r in self.records]
+        return tabulate(rows, headers=["pass", "sites touched", "params added", "trainable after", "seconds"])

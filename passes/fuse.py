@@ -1,0 +1,14 @@
+"""fuse: fold adapters into constant weights and restore the traced code (`fused.code == traced.code`)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import fx
+
+import fxtune
+
+
+def fuse(gm: fx.GraphModule, adapters: Iterable[str] | str | None = None) -> fx.GraphModule:
+    """A new GraphModule with the active (or the named) adapters folded in and every adapter gone."""
+    return fxtune.fold(gm, adapters)

@@ -1,0 +1,125 @@
+"""LoRA: a trainable low-rank delta, W' = W + s·B@A, with B@A reshaped to the weight's shape.
+
+A is (r, in/groups, *kernel) and B is (out, r, 1, ...), PEFT's layout, so on a conv the
+activation form is a conv in→r with the site's geometry then a 1×1 conv r→out; grouped
+convs repeat A per group. The weight form adds s·B@A to W before the call.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import fx, nn
+
+import fxtune
+from fxtune import AdapterError, AdapterKind, FxtuneWarning
+
+
+def lora_weight(w: torch.Tensor, *, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The meaning: W + scale · (B @ A) viewed as W's shape (out, in/groups, *kernel)."""
+    return w + scale * (lora_b.flatten(1) @ lora_a.flatten(1)).view(w.shape)
+
+
+def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.Node:
+    """y + s · B(A(dropout(x))): A with the site's geometry, B as a 1×1 channel mix."""
+    h = em.module("dropout", x, role="lora_dropout") if inputs["dropout"] > 0 else x
+    a, groups = inputs["lora_a"], em.site.groups
+    if groups > 1:
+        a = em.method("repeat", a, groups, *([1] * (len(em.site.weight_shape) - 1)), role="lora_a_grouped")
+    down = em.site_call(h, a, groups=groups, role="lora_down")
+    up = em.pointwise(down, inputs["lora_b"], groups=groups, role="lora_up")
+    if inputs["scale"] != 1.0:
+        up = em.mul(up, inputs["scale"], role="lora_scaled")
+    return em.add(y, up, role="lora")
+
+
+KIND = fxtune.register_kind(AdapterKind("lora", weight=lora_weight, activation=_activation))
+
+
+def activation_is_cheaper(site: fxtune.Site, r: int) -> bool:
+    """The `form="auto"` rule, per output position in training: the branch's extra multiply-adds,
+    r·(in·k + out), against the weight gradient the weight form pays, out·(in/groups)·k."""
+    k = site.kernel_volume
+    return r * (site.in_features * k + site.out_features) < site.out_features * (site.in_features // site.groups) * k
+
+
+def _factors(site: fxtune.Site, weight: torch.Tensor, r: int, init: str, scale: float):
+    """A, B in PEFT's layout, and the new base weight for PiSSA (else None)."""
+    shape_a = (r, weight.shape[1], *site.kernel_size)
+    shape_b = (site.out_features, r, *([1] * len(site.kernel_size)))
+    if init == "default":
+        a = nn.init.kaiming_uniform_(torch.empty(shape_a, dtype=weight.dtype, device=weight.device), a=math.sqrt(5))
+        return a, weight.new_zeros(shape_b), None
+    if init == "gaussian":
+        a = torch.randn(shape_a, dtype=weight.dtype, device=weight.device) / r
+        return a, weight.new_zeros(shape_b), None
+    matrix = weight.flatten(1).double()
+    if r > min(matrix.shape):
+        raise AdapterError(f"init='pissa' needs r <= {min(matrix.shape)} on '{site.target}' (its weight is {tuple(matrix.shape)} as a matrix); got r={r}")
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    root = torch.sqrt(s[:r] / scale)
+    a = (root[:, None] * vh[:r]).reshape(shape_a)
+    b = (u[:, :r] * root[None, :]).reshape(shape_b)
+    residual = matrix - scale * (b.flatten(1) @ a.flatten(1))
+    return a.to(weight.dtype), b.to(weight.dtype), residual.view(weight.shape).to(weight.dtype)
+
+
+def lora(
+    gm: fx.GraphModule,
+    targets: fxtune.selection.Selector = None,
+    *,
+    r: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    init: str = "default",
+    form: str = "auto",
+    adapter: str = "default",
+    exclude: fxtune.selection.Selector = None,
+) -> fx.GraphModule:
+    """Adds a LoRA adapter to every selected site; returns a new GraphModule (input untouched).
+
+    scale = alpha/r (alpha/sqrt(r) with rslora; alpha defaults to r). init: "default" (A
+    kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r²), B zero) or "pissa" (principal
+    singular directions of W moved into A, B). form: "activation", "weight" or "auto".
+    """
+    if not isinstance(r, int) or r < 1:
+        raise AdapterError(f"r must be a positive int, got {r!r}")
+    if init not in ("default", "gaussian", "pissa"):
+        raise AdapterError(f"init must be 'default', 'gaussian' or 'pissa', got {init!r}")
+    if form not in ("auto", "weight", "activation"):
+        raise AdapterError(f"form must be 'auto', 'weight' or 'activation', got {form!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"dropout must be in [0, 1), got {dropout!r}")
+    if dropout > 0 and form == "weight":
+        raise AdapterError("dropout acts on the adapter's input activations, which the weight form never sees; use form='activation' or 'auto'")
+    alpha = r if alpha is None else alpha
+    scale = alpha / math.sqrt(r) if rslora else alpha / r
+    rw = fxtune.Rewrite(gm, kind="lora", adapter=adapter)
+    for target, found in rw.select(targets, exclude=exclude).items():
+        site = found[0]
+        weight = rw.weight(target)
+        a, b, residual = _factors(site, weight, r, init, scale)
+        if a.numel() + b.numel() > site.weight_numel:
+            warnings.warn(
+                f"LoRA r={r} on '{target}' has {a.numel() + b.numel():,} parameters, more than the "
+                f"{site.weight_numel:,} of the weight it adapts; lower r or exclude this site",
+                FxtuneWarning,
+                stacklevel=2,
+            )
+        if residual is not None:
+            rw.replace_base_weight(target, residual)
+        chosen = form
+        if form == "auto":
+            chosen = "activation" if dropout > 0 or activation_is_cheaper(site, r) else "weight"
+        rw.attach(
+            target,
+            params={"lora_a": a, "lora_b": b},
+            modules={"dropout": nn.Dropout(dropout)} if dropout > 0 else None,
+            config={"r": r, "alpha": alpha, "scale": scale, "rslora": rslora, "init": init, "dropout": dropout},
+            form=chosen,
+            reason="auto: the weight form is cheaper here" if form == "auto" and chosen == "weight" else "",
+        )
+    return rw.finish()
