@@ -10,7 +10,7 @@ from torch import fx, nn
 from .ownership import NAMESPACE
 from .rewrite import effective_forms
 from .sites import all_sites
-from .slots import slots_on
+from .slots import all_slots, slots_on
 
 
 def trainable_parameters(gm: nn.Module) -> list[nn.Parameter]:
@@ -37,7 +37,7 @@ def summary_rows(gm: fx.GraphModule) -> list[dict]:
         first = site.target not in counted
         counted.add(site.target)
         params = sum(s.num_params() for s in slots) if first else 0
-        trainable = sum(p.numel() for s in slots for p in s.parameters() if p.requires_grad) if first else 0
+        trainable = sum(s.num_params(trainable_only=True) for s in slots) if first else 0
         rows.append(
             {
                 "site": site.name,
@@ -61,7 +61,11 @@ def summary(gm: fx.GraphModule) -> str:
         colalign=("left", "left", "left", "left", "right", "right"),
     )
     total = sum(p.numel() for p in gm.parameters())
-    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    masked = sum(
+        s.num_params(trainable_only=True) - sum(p.numel() for p in s.parameters(recurse=False) if p.requires_grad)
+        for s in all_slots(gm)
+    )
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad) + masked
     adapted = sum(1 for r in rows if r["adapted"])
     share = 100.0 * trainable / total if total else 0.0
     return (

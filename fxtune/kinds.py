@@ -23,6 +23,8 @@ class AdapterKind:
     bias(b, **inputs) -> b'          optional, the meaning on the bias (called only if the site has one)
     activation(emit, x, y, inputs)   optional, emits graph nodes computing the adapted output from
                                      the site input `x` and current output `y`; returns the new output
+    activation_input(emit, x, inputs) optional, for kinds acting on the input side (W' = W·diag(s)):
+                                     returns a new input that the call and all inner adapters read
     activation_blocker(site, config) optional, returns why a site cannot take the activation form
     `inputs` holds the adapter's tensors (parameters and persistent buffers) and its settings.
     """
@@ -31,6 +33,7 @@ class AdapterKind:
     weight: Callable[..., Tensor]
     bias: Callable[..., Tensor] | None = None
     activation: Callable[..., Any] | None = None
+    activation_input: Callable[..., Any] | None = None
     activation_blocker: Callable[..., str | None] | None = None
     _accepts: dict = field(default_factory=dict, compare=False, repr=False)
 

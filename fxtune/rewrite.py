@@ -38,7 +38,7 @@ def effective_forms(site: Site, slots: list[AdapterSlot]) -> list[tuple[str, str
         reason = slot.form_reason
         if slot.form == "activation":
             blocker = kind.activation_blocker(site, slot.config) if kind.activation_blocker else None
-            if kind.activation is None:
+            if kind.activation is None and kind.activation_input is None:
                 reason = f"{kind.name} has no activation form"
             elif blocker:
                 reason = blocker
@@ -107,15 +107,32 @@ def emit_site(gm: fx.GraphModule, site: Site, slots: list[AdapterSlot]) -> None:
                     b = em.call(kind.bias, b, role=f"{kind.name}_bias", **kind.accepted(kind.bias, inputs))
             fn, args = site_call_args(site, x, w, b, pad=lambda *a: root.call(F.pad, *a, role="pad"))
         node.op, node.target, node.args, node.kwargs = "call_function", fn, args, {}
-    if act_slots:
-        y = node
-        with graph.inserting_before(node.next):
-            for slot in act_slots:
-                kind = get_kind(slot.kind)
-                em = root.for_slot(slot.adapter, kind.name, slot_path(slot))
-                y = kind.activation(em, x, y, _inputs(em, slot))
+    y = node
+    for slot in act_slots:
+        kind = get_kind(slot.kind)
+        em = root.for_slot(slot.adapter, kind.name, slot_path(slot))
+        if kind.activation_input is not None:
+            inner = [n for n in root.created if x in n.all_input_nodes] + [node]
+            with graph.inserting_before(_first_of_site(node, root.created)):
+                inputs = _inputs(em, slot)
+                new_x = kind.activation_input(em, x, inputs)
+            if new_x is not x:
+                for n in inner:
+                    n.replace_input_with(x, new_x)
+        if kind.activation is not None:
+            with graph.inserting_before(y.next):
+                y = kind.activation(em, x, y, inputs if kind.activation_input else _inputs(em, slot))
+    if y is not node:
         created = set(root.created)
         node.replace_all_uses_with(y, delete_user_cb=lambda u: u not in created)
+
+
+def _first_of_site(node: fx.Node, created: list[fx.Node]) -> fx.Node:
+    """The earliest node of the site's block before its call (inner input-side and weight nodes)."""
+    members = set(created)
+    while node.prev in members:
+        node = node.prev
+    return node
 
 
 def rebuild(gm: fx.GraphModule, targets: set[str] | None = None) -> None:

@@ -30,22 +30,30 @@ class AdapterSlot(nn.Module):
         self.active = True
 
     def inputs(self) -> dict[str, Any]:
-        """Tensors (parameters, persistent buffers) and settings the kind's functions receive."""
+        """Tensors (parameters, buffers) and settings the kind's functions receive, by name.
+
+        Non-persistent buffers (values derived from the base weight, e.g. SVD factors) are
+        inputs too; they are just not part of the adapter's saved state.
+        """
         tensors = {k: v for k, v in self._parameters.items() if v is not None}
-        tensors.update(
-            (k, v) for k, v in self._buffers.items() if v is not None and k not in self._non_persistent_buffers_set
-        )
+        tensors.update((k, v) for k, v in self._buffers.items() if v is not None)
         return {**tensors, **self.config}
 
     def tensor_names(self) -> list[str]:
         return [k for k, v in self.inputs().items() if isinstance(v, torch.Tensor)]
 
-    def num_params(self) -> int:
-        """Adapter parameters, counting only entries a `<name>_mask` buffer keeps (if any)."""
+    def num_params(self, *, trainable_only: bool = False) -> int:
+        """Adapter parameters, counting only the entries a `<name>_mask` buffer keeps (if any).
+
+        A kind that masks a parameter multiplies it by `<name>_mask` in its transform, so the
+        masked entries get no gradient and are not counted.
+        """
         total = 0
         for name, p in self._parameters.items():
+            if p is None or (trainable_only and not p.requires_grad):
+                continue
             mask = self._buffers.get(f"{name}_mask")
-            total += int(mask.sum()) if mask is not None else p.numel()
+            total += int(torch.broadcast_to(mask, p.shape).sum()) if mask is not None else p.numel()
         return total
 
     def extra_repr(self) -> str:
