@@ -66,8 +66,14 @@ class Rewrite:
         config: dict[str, Any] | None = None,
         form: str = "weight",
         reason: str = "",
+        derived: dict[str, torch.Tensor] | None = None,
     ) -> AdapterSlot:
-        """Adds this pass's adapter on the weight at `target` (trainable `params`, fixed `buffers`)."""
+        """Adds this pass's adapter on the weight at `target` (trainable `params`, fixed `buffers`).
+
+        `derived` tensors are computed from the base weight (e.g. SVD factors): fixed inputs of
+        the transform like `buffers`, but registered non-persistent, so they stay out of the
+        state_dict and the saved adapter; the pass recomputes them from the base weight.
+        """
         if form not in ("weight", "activation"):
             raise AdapterError(f"form must be 'weight' or 'activation', got {form!r} for '{target}'")
         slot = AdapterSlot(self.kind.name, target, self.adapter, config or {}, form, next_order(self.gm))
@@ -76,6 +82,8 @@ class Rewrite:
             slot.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=True))
         for name, value in (buffers or {}).items():
             slot.register_buffer(name, value.detach().clone())
+        for name, value in (derived or {}).items():
+            slot.register_buffer(name, value.detach().clone(), persistent=False)
         for name, module in (modules or {}).items():
             slot.add_module(name, module)
         add_slot(self.gm, slot)
