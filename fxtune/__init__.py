@@ -11,8 +11,11 @@ from .errors import AdapterError, FusionError, FxtuneError, FxtuneWarning, Selec
 from .folding import fold
 from .inspection import diff, summary, trainable_parameters
 from .kinds import AdapterKind, get_kind, register_kind
+from .masks import channel_masks, weight_mask
+from .lifecycle import AdapterInfo, adapters, delete_adapter, merge, set_active, unload, unmerge
 from .pipeline import Pipeline
 from .selection import sites
+from .settings import per_site
 from .sites import Site
 from .slots import AdapterSlot
 from .tracing import trace
@@ -21,6 +24,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "AdapterInfo",
+    "adapters",
+    "delete_adapter",
+    "merge",
+    "per_site",
+    "set_active",
+    "unload",
+    "unmerge",
     "AdapterKind",
     "AdapterSlot",
     "Emitter",
@@ -32,6 +43,7 @@ __all__ = [
     "SelectionError",
     "Site",
     "TraceError",
+    "channel_masks",
     "diff",
     "fold",
     "get_kind",
@@ -40,4 +52,5 @@ __all__ = [
     "summary",
     "trace",
     "trainable_parameters",
+    "weight_mask",
 ]

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from .errors import AdapterError
+from .basekeeping import replace_base
 from .kinds import get_kind
 from .ownership import clone_graph_module
 from .rewrite import rebuild
@@ -52,9 +53,11 @@ class Rewrite:
         return self.gm.get_submodule(target).weight.detach()
 
     def replace_base_weight(self, target: str, weight: torch.Tensor) -> None:
-        """Gives the GraphModule's own copy of `target` a new (frozen) weight tensor; the model's stays."""
-        module = self.gm.get_submodule(target)
-        module._parameters["weight"] = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        """Gives the GraphModule's own copy of `target` a new (frozen) weight tensor; the model's stays.
+
+        The replaced weight is remembered, so `fxtune.unload` gives back the traced weights.
+        """
+        replace_base(self.gm.get_submodule(target), weight.detach().clone(), by=self.adapter)
 
     def attach(
         self,

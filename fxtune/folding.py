@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from .errors import FusionError
 from .kinds import get_kind
+from .basekeeping import forget_all, replaced_by, use_base
 from .ownership import clone_graph_module, replace_submodule, shallow_module_copy
 from .rewrite import rebuild
 from .slots import AdapterSlot, all_slots, remove_slots
@@ -40,6 +41,8 @@ def _prepared(slot: AdapterSlot, dtype: torch.dtype) -> dict:
 def folded_tensors(module: nn.Module, slots: list[AdapterSlot]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W', b') of one module under `slots`, in the module's dtype, as new tensors."""
     weight, bias = module.weight, getattr(module, "bias", None)
+    if not slots:
+        return weight.detach(), None if bias is None else bias.detach()
     dtype = _compute_dtype(weight.dtype)
     with torch.no_grad():
         w = weight.detach().to(dtype, copy=True)
@@ -58,7 +61,8 @@ def folded_tensors(module: nn.Module, slots: list[AdapterSlot]) -> tuple[torch.T
 def fold(gm: fx.GraphModule, adapters: Iterable[str] | None = None) -> fx.GraphModule:
     """A new GraphModule with the chosen adapters folded into constant weights and no adapter left.
 
-    `adapters=None` folds the active ones; otherwise the named ones. All others are dropped.
+    `adapters=None` folds the active ones; otherwise the named ones. All others are dropped
+    (a merged adapter cannot be dropped: it is already in the weight).
     """
     gm = clone_graph_module(gm)
     slots = all_slots(gm)
@@ -70,18 +74,21 @@ def fold(gm: fx.GraphModule, adapters: Iterable[str] | None = None) -> fx.GraphM
         if unknown:
             raise FusionError(f"no adapter named {unknown} in this GraphModule; it has {sorted({s.adapter for s in slots})}")
         chosen = [s for s in slots if s.adapter in adapters]
-    by_target: dict[str, list[AdapterSlot]] = {}
-    for slot in chosen:
-        by_target.setdefault(slot.target, []).append(slot)
+    dropped_merged = sorted({s.adapter for s in slots if s.merged and s not in chosen})
+    if dropped_merged:
+        raise FusionError(f"adapters {dropped_merged} are merged into the weights; fuse them too, or fxtune.unmerge(gm) first")
     replacements = {}
-    for target, group in by_target.items():
-        module = gm.get_submodule(target)
-        w, b = folded_tensors(module, group)
-        new = shallow_module_copy(module)
-        new._parameters["weight"] = nn.Parameter(w, requires_grad=module.weight.requires_grad)
-        if b is not None:
-            new._parameters["bias"] = nn.Parameter(b, requires_grad=module.bias.requires_grad)
-        replacements[target] = new
+    for target in dict.fromkeys(s.target for s in slots):
+        module = shallow_module_copy(gm.get_submodule(target))
+        folded = [s for s in chosen if s.target == target]
+        if not any(s.merged for s in folded):
+            use_base(module, replaced_by(module) in {s.adapter for s in folded})
+        forget_all(module)
+        weight, bias = folded_tensors(module, [s for s in folded if not s.merged])
+        module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            module._parameters["bias"] = nn.Parameter(bias, requires_grad=False)
+        replacements[target] = module
     for target, new in replacements.items():
         replace_submodule(gm, target, new)
     touched = {s.target for s in slots}

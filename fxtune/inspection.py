@@ -27,11 +27,11 @@ def summary_rows(gm: fx.GraphModule) -> list[dict]:
     rows, counted = [], set()
     for site in all_sites(gm):
         slots = slots_on(gm, site.target, active_only=False)
-        active = [s for s in slots if s.active]
-        forms = dict(zip(map(id, active), effective_forms(site, active)))
+        emitted = [s for s in slots if s.active and not s.merged]
+        forms = dict(zip(map(id, emitted), effective_forms(site, emitted)))
         labels = []
         for slot in slots:
-            form, reason = forms.get(id(slot), ("inactive", ""))
+            form, reason = forms.get(id(slot), ("merged" if slot.merged else "inactive", ""))
             label = f"{slot.adapter}:{slot.kind}[{form}]"
             labels.append(label + (f" ({reason})" if reason and form == "weight" else ""))
         first = site.target not in counted

@@ -15,7 +15,7 @@ from torch import fx
 from .emit import META, Emitter, site_call_args
 from .kinds import get_kind
 from .sites import BASE_META, Site, all_sites
-from .slots import AdapterSlot, slot_path, slots_on
+from .slots import AdapterSlot, emitted_slots, slot_path
 
 
 class _Ref(str):
@@ -92,9 +92,7 @@ def emit_site(gm: fx.GraphModule, site: Site, slots: list[AdapterSlot]) -> None:
     weight_slots = [s for s, (form, _) in zip(slots, forms) if form == "weight"]
     act_slots = [s for s, (form, _) in zip(slots, forms) if form == "activation"]
     if weight_slots:
-        node.meta[BASE_META] = {
-            "op": node.op, "target": node.target, "args": _save_arg(node.args), "kwargs": _save_arg(node.kwargs)
-        }
+        _remember_call(node)
         with graph.inserting_before(node):
             w = root.get_attr(f"{site.target}.weight", role="weight")
             b = root.get_attr(f"{site.target}.bias", role="bias") if site.has_bias else None
@@ -117,6 +115,7 @@ def emit_site(gm: fx.GraphModule, site: Site, slots: list[AdapterSlot]) -> None:
                 inputs = _inputs(em, slot)
                 new_x = kind.activation_input(em, x, inputs)
             if new_x is not x:
+                _remember_call(node)
                 for n in inner:
                     n.replace_input_with(x, new_x)
         if kind.activation is not None:
@@ -125,6 +124,14 @@ def emit_site(gm: fx.GraphModule, site: Site, slots: list[AdapterSlot]) -> None:
     if y is not node:
         created = set(root.created)
         node.replace_all_uses_with(y, delete_user_cb=lambda u: u not in created)
+
+
+def _remember_call(node: fx.Node) -> None:
+    """Saves the site's original call (once) so that strip_site can restore it."""
+    if BASE_META not in node.meta:
+        node.meta[BASE_META] = {
+            "op": node.op, "target": node.target, "args": _save_arg(node.args), "kwargs": _save_arg(node.kwargs)
+        }
 
 
 def _first_of_site(node: fx.Node, created: list[fx.Node]) -> fx.Node:
@@ -142,7 +149,7 @@ def rebuild(gm: fx.GraphModule, targets: set[str] | None = None) -> None:
             strip_site(gm, site)
     for site in all_sites(gm):
         if targets is None or site.target in targets:
-            emit_site(gm, site, slots_on(gm, site.target))
+            emit_site(gm, site, emitted_slots(gm, site.target))
     graph = gm.graph
     for n in reversed(graph.nodes):
         if n.op == "get_attr" and META in n.meta and not n.users:

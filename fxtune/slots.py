@@ -28,6 +28,7 @@ class AdapterSlot(nn.Module):
         self.form_reason = ""
         self.order = order
         self.active = True
+        self.merged = False
 
     def inputs(self) -> dict[str, Any]:
         """Tensors (parameters, buffers) and settings the kind's functions receive, by name.
@@ -57,7 +58,7 @@ class AdapterSlot(nn.Module):
         return total
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, target={self.target!r}, form={self.form!r}, active={self.active}"
+        return f"kind={self.kind!r}, target={self.target!r}, form={self.form!r}, active={self.active}, merged={self.merged}"
 
 
 def target_key(target: str) -> str:
@@ -81,6 +82,11 @@ def all_slots(gm: nn.Module) -> list[AdapterSlot]:
 def slots_on(gm: nn.Module, target: str, *, active_only: bool = True) -> list[AdapterSlot]:
     """The slots acting on one weight, in composition order."""
     return [s for s in all_slots(gm) if s.target == target and (s.active or not active_only)]
+
+
+def emitted_slots(gm: nn.Module, target: str) -> list[AdapterSlot]:
+    """The slots whose effect the graph computes: active and not merged into the weight."""
+    return [s for s in slots_on(gm, target) if not s.merged]
 
 
 def slot_path(slot: AdapterSlot) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -60,21 +61,47 @@ def _factors(site: fxtune.Site, weight: torch.Tensor, r: int, init: str, scale: 
         raise AdapterError(f"init='pissa' needs r <= {min(matrix.shape)} on '{site.target}' (its weight is {tuple(matrix.shape)} as a matrix); got r={r}")
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = torch.sqrt(s[:r] / scale)
-    a = (root[:, None] * vh[:r]).reshape(shape_a)
-    b = (u[:, :r] * root[None, :]).reshape(shape_b)
-    residual = matrix - scale * (b.flatten(1) @ a.flatten(1))
-    return a.to(weight.dtype), b.to(weight.dtype), residual.view(weight.shape).to(weight.dtype)
+    a = (root[:, None] * vh[:r]).reshape(shape_a).to(weight.dtype)
+    b = (u[:, :r] * root[None, :]).reshape(shape_b).to(weight.dtype)
+    return a, b, pissa_residual(weight, a, b, scale)
+
+
+def pissa_residual(weight: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, scale: float) -> torch.Tensor:
+    """W - s·B0@A0 in float64: the base PiSSA leaves; recomputable exactly from the saved A0, B0."""
+    delta = b0.double().flatten(1) @ a0.double().flatten(1)
+    return (weight.double() - scale * delta.view(weight.shape)).to(weight.dtype)
+
+
+def _settings(site: fxtune.Site, form: str, *, r, alpha, dropout, rslora, init) -> tuple:
+    """This site's (r, alpha, dropout, rslora, init), each resolved with `fxtune.per_site`, validated."""
+    r = fxtune.per_site(r, site, 8)
+    if not isinstance(r, int) or r < 1:
+        raise AdapterError(f"r must be a positive int, got {r!r} for '{site.name}'")
+    alpha = fxtune.per_site(alpha, site, None)
+    alpha = r if alpha is None else alpha
+    dropout = fxtune.per_site(dropout, site, 0.0)
+    if not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"dropout must be in [0, 1), got {dropout!r} for '{site.name}'")
+    if dropout > 0 and form == "weight":
+        raise AdapterError(
+            f"dropout={dropout} on '{site.name}' acts on the adapter's input activations, which the weight "
+            "form never sees; use form='activation' or 'auto'"
+        )
+    init = fxtune.per_site(init, site, "default")
+    if init not in ("default", "gaussian", "pissa"):
+        raise AdapterError(f"init must be 'default', 'gaussian' or 'pissa', got {init!r} for '{site.name}'")
+    return r, alpha, dropout, bool(fxtune.per_site(rslora, site, False)), init
 
 
 def lora(
     gm: fx.GraphModule,
     targets: fxtune.selection.Selector = None,
     *,
-    r: int = 8,
-    alpha: float | None = None,
-    dropout: float = 0.0,
-    rslora: bool = False,
-    init: str = "default",
+    r: int | dict | Callable = 8,
+    alpha: float | dict | Callable | None = None,
+    dropout: float | dict | Callable = 0.0,
+    rslora: bool | dict | Callable = False,
+    init: str | dict | Callable = "default",
     form: str = "auto",
     adapter: str = "default",
     exclude: fxtune.selection.Selector = None,
@@ -84,22 +111,17 @@ def lora(
     scale = alpha/r (alpha/sqrt(r) with rslora; alpha defaults to r). init: "default" (A
     kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r²), B zero) or "pissa" (principal
     singular directions of W moved into A, B). form: "activation", "weight" or "auto".
+    r, alpha, dropout, rslora and init may also be per site: {glob: value} (first match wins,
+    other sites take the default) or a callable Site -> value.
     """
-    if not isinstance(r, int) or r < 1:
-        raise AdapterError(f"r must be a positive int, got {r!r}")
-    if init not in ("default", "gaussian", "pissa"):
-        raise AdapterError(f"init must be 'default', 'gaussian' or 'pissa', got {init!r}")
     if form not in ("auto", "weight", "activation"):
         raise AdapterError(f"form must be 'auto', 'weight' or 'activation', got {form!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise AdapterError(f"dropout must be in [0, 1), got {dropout!r}")
-    if dropout > 0 and form == "weight":
-        raise AdapterError("dropout acts on the adapter's input activations, which the weight form never sees; use form='activation' or 'auto'")
-    alpha = r if alpha is None else alpha
-    scale = alpha / math.sqrt(r) if rslora else alpha / r
+    options = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init)
     rw = fxtune.Rewrite(gm, kind="lora", adapter=adapter)
     for target, found in rw.select(targets, exclude=exclude).items():
         site = found[0]
+        r, alpha, dropout, rslora, init = _settings(site, form, **options)
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
         weight = rw.weight(target)
         a, b, residual = _factors(site, weight, r, init, scale)
         if a.numel() + b.numel() > site.weight_numel:
@@ -117,6 +139,7 @@ def lora(
         rw.attach(
             target,
             params={"lora_a": a, "lora_b": b},
+            buffers={"pissa_a0": a, "pissa_b0": b} if init == "pissa" else None,
             modules={"dropout": nn.Dropout(dropout)} if dropout > 0 else None,
             config={"r": r, "alpha": alpha, "scale": scale, "rslora": rslora, "init": init, "dropout": dropout},
             form=chosen,

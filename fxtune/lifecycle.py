@@ -1,0 +1,163 @@
+"""Managing the adapters of a GraphModule: list, activate, delete, merge, unmerge, unload.
+
+Every function returns a new GraphModule and leaves its input usable. Merging keeps the
+previous weight tensors, so unmerge and unload restore them bit-exactly (nothing is
+subtracted or divided).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from tabulate import tabulate
+from torch import fx
+
+from .basekeeping import ORIGINAL, PREMERGE, remember, replaced_by, restore, set_weights, use_base
+from .errors import AdapterError
+from .folding import folded_tensors
+from .ownership import clone_graph_module
+from .rewrite import rebuild
+from .slots import AdapterSlot, all_slots, remove_slots
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One named adapter: its kind(s), the weights it adapts, its parameter count and state."""
+
+    name: str
+    kind: str
+    sites: tuple[str, ...]
+    parameters: int
+    active: bool
+    merged: bool
+
+
+class AdapterList(list):
+    """A list of AdapterInfo that prints as a table."""
+
+    def __str__(self) -> str:
+        rows = [[a.name, a.kind, len(a.sites), f"{a.parameters:,}", a.active, a.merged] for a in self]
+        return tabulate(rows, headers=["adapter", "kind", "sites", "parameters", "active", "merged"])
+
+
+def adapters(gm: fx.GraphModule) -> AdapterList:
+    """The adapters living in gm, in the order they were added."""
+    by_name: dict[str, list[AdapterSlot]] = {}
+    for slot in all_slots(gm):
+        by_name.setdefault(slot.adapter, []).append(slot)
+    return AdapterList(
+        AdapterInfo(
+            name=name,
+            kind="+".join(sorted({s.kind for s in slots})),
+            sites=tuple(s.target for s in slots),
+            parameters=sum(s.num_params() for s in slots),
+            active=all(s.active for s in slots),
+            merged=all(s.merged for s in slots),
+        )
+        for name, slots in by_name.items()
+    )
+
+
+def _names(gm: fx.GraphModule, names: str | Iterable[str] | None, *, default_active: bool) -> set[str]:
+    known = {s.adapter for s in all_slots(gm)}
+    if names is None:
+        return {s.adapter for s in all_slots(gm) if s.active} if default_active else known
+    chosen = {names} if isinstance(names, str) else set(names)
+    unknown = sorted(chosen - known)
+    if unknown:
+        raise AdapterError(f"no adapter named {unknown}; this GraphModule has {sorted(known) or 'none'}")
+    return chosen
+
+
+def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule:
+    """A GraphModule in which only `names` act (`[]` = the base model); the others keep their parameters."""
+    chosen = _names(gm, names, default_active=False)
+    if any(s.merged for s in all_slots(gm)):
+        raise AdapterError("this GraphModule has merged adapters; call fxtune.unmerge(gm) before changing the active ones")
+    gm = clone_graph_module(gm)
+    for slot in all_slots(gm):
+        slot.active = slot.adapter in chosen
+    for target in {s.target for s in all_slots(gm)}:
+        module = gm.get_submodule(target)
+        use_base(module, replaced_by(module) in chosen)
+    rebuild(gm, {s.target for s in all_slots(gm)})
+    return gm
+
+
+def delete_adapter(gm: fx.GraphModule, name: str) -> fx.GraphModule:
+    """A GraphModule without the adapter `name` (which must not be merged)."""
+    _names(gm, name, default_active=False)
+    gm = clone_graph_module(gm)
+    doomed = [s for s in all_slots(gm) if s.adapter == name]
+    if any(s.merged for s in doomed):
+        raise AdapterError(f"adapter '{name}' is merged into the weights; call fxtune.unmerge(gm) first")
+    for target in {s.target for s in doomed}:
+        module = gm.get_submodule(target)
+        if replaced_by(module) == name:
+            restore(module, ORIGINAL)
+    remove_slots(gm, doomed)
+    rebuild(gm, {s.target for s in doomed})
+    return gm
+
+
+def merge(gm: fx.GraphModule, names: str | Iterable[str] | None = None) -> fx.GraphModule:
+    """Folds the named (default: active) adapters into the weights, keeping them (frozen) for unmerge.
+
+    Adapters compose in the order they were added, so on each weight the merged ones must come
+    before every adapter that stays unmerged and active.
+    """
+    chosen = _names(gm, names, default_active=True)
+    gm = clone_graph_module(gm)
+    by_target: dict[str, list[AdapterSlot]] = {}
+    for slot in all_slots(gm):
+        by_target.setdefault(slot.target, []).append(slot)
+    for target, slots in by_target.items():
+        todo = [s for s in slots if s.adapter in chosen and not s.merged]
+        later = [s for s in slots if s.active and not s.merged and s.adapter not in chosen]
+        if todo and later and later[0].order < todo[-1].order:
+            raise AdapterError(
+                f"on '{target}', adapter '{later[0].adapter}' acts before '{todo[-1].adapter}'; merging "
+                f"only the later one would change the result. Merge both: fxtune.merge(gm, {sorted(chosen | {later[0].adapter})})"
+            )
+        if not todo:
+            continue
+        module = gm.get_submodule(target)
+        remember(module, PREMERGE)
+        weight, bias = folded_tensors(module, todo)
+        set_weights(module, weight, bias)
+        for slot in todo:
+            slot.active = slot.merged = True
+            slot.__dict__["_trainable_before_merge"] = {k: p.requires_grad for k, p in slot.named_parameters(recurse=False)}
+            for p in slot.parameters(recurse=False):
+                p.requires_grad_(False)
+    rebuild(gm, set(by_target))
+    return gm
+
+
+def unmerge(gm: fx.GraphModule) -> fx.GraphModule:
+    """Puts back the weights as they were before merging (the same bits) and re-activates the adapters' code."""
+    gm = clone_graph_module(gm)
+    merged = [s for s in all_slots(gm) if s.merged]
+    for target in {s.target for s in merged}:
+        restore(gm.get_submodule(target), PREMERGE)
+    for slot in merged:
+        slot.merged = False
+        flags = slot.__dict__.pop("_trainable_before_merge", {})
+        for name, p in slot.named_parameters(recurse=False):
+            p.requires_grad_(flags.get(name, True))
+    rebuild(gm, {s.target for s in merged})
+    return gm
+
+
+def unload(gm: fx.GraphModule) -> fx.GraphModule:
+    """The base GraphModule with no adapters: the traced weights, also after merges or PiSSA-style inits."""
+    gm = clone_graph_module(gm)
+    slots = all_slots(gm)
+    for target in {s.target for s in slots}:
+        module = gm.get_submodule(target)
+        restore(module, PREMERGE)
+        restore(module, ORIGINAL)
+    remove_slots(gm, slots)
+    rebuild(gm, {s.target for s in slots})
+    return gm
