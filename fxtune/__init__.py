@@ -5,6 +5,7 @@
     fused = fuse(gm)                            # fused.code == fxtune.trace(model).code
 """
 
+from .adapter_files import load_adapters, save_adapters
 from .edit import Rewrite
 from .emit import Emitter
 from .errors import AdapterError, FusionError, FxtuneError, FxtuneWarning, SelectionError, TraceError
@@ -26,6 +27,8 @@ __all__ = [
     "AdapterError",
     "AdapterInfo",
     "adapters",
+    "load_adapters",
+    "save_adapters",
     "delete_adapter",
     "merge",
     "per_site",

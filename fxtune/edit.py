@@ -82,9 +82,9 @@ class Rewrite:
         slot = AdapterSlot(self.kind.name, target, self.adapter, config or {}, form, next_order(self.gm))
         slot.form_reason = reason
         for name, value in params.items():
-            slot.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=True))
+            slot.register_parameter(name, nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format), requires_grad=True))
         for name, value in (buffers or {}).items():
-            slot.register_buffer(name, value.detach().clone())
+            slot.register_buffer(name, value.detach().clone(memory_format=torch.contiguous_format))
         for name, value in (derived or {}).items():
             slot.register_buffer(name, value.detach().clone(), persistent=False)
         for name, module in (modules or {}).items():

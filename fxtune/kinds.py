@@ -26,6 +26,9 @@ class AdapterKind:
     activation_input(emit, x, inputs) optional, for kinds acting on the input side (W' = W·diag(s)):
                                      returns a new input that the call and all inner adapters read
     activation_blocker(site, config) optional, returns why a site cannot take the activation form
+    restore(site, weight, config, tensors) optional, what re-creating a saved adapter needs beyond its
+                                     saved tensors: {"buffers": derived tensors (not saved), "modules":
+                                     submodules, "base_weight": a replacement base weight}; all optional
     `inputs` holds the adapter's tensors (parameters and persistent buffers) and its settings.
     """
 
@@ -35,6 +38,7 @@ class AdapterKind:
     activation: Callable[..., Any] | None = None
     activation_input: Callable[..., Any] | None = None
     activation_blocker: Callable[..., str | None] | None = None
+    restore: Callable[..., dict] | None = None
     _accepts: dict = field(default_factory=dict, compare=False, repr=False)
 
     def accepted(self, fn: Callable, inputs: dict[str, Any]) -> dict[str, Any]:

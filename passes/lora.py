@@ -36,7 +36,16 @@ def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.
     return em.add(y, up, role="lora")
 
 
-KIND = fxtune.register_kind(AdapterKind("lora", weight=lora_weight, activation=_activation))
+def _restore(site: fxtune.Site, weight: torch.Tensor, config: dict, tensors: dict) -> dict:
+    """A reloaded adapter's dropout module and, for PiSSA, its residual base weight."""
+    return {
+        "modules": {"dropout": nn.Dropout(config["dropout"])} if config["dropout"] > 0 else None,
+        "base_weight": pissa_residual(weight, tensors["pissa_a0"], tensors["pissa_b0"], config["scale"])
+        if config["init"] == "pissa" else None,
+    }
+
+
+KIND = fxtune.register_kind(AdapterKind("lora", weight=lora_weight, activation=_activation, restore=_restore))
 
 
 def activation_is_cheaper(site: fxtune.Site, r: int) -> bool:
