@@ -59,20 +59,26 @@ def _slot_record(slot: AdapterSlot, tensors: dict[str, torch.Tensor], weight_sha
     }
 
 
-def save_fxtune(gm: fx.GraphModule, path: str, adapter: str) -> None:
-    """Writes one adapter of gm into the directory `path` in fxtune's own format."""
+def adapter_state(gm: fx.GraphModule, adapter: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One adapter of gm as data: a JSON-able description and its tensors (masked entries left out)."""
     slots = [s for s in all_slots(gm) if s.adapter == adapter]
     if not slots:
         names = sorted({s.adapter for s in all_slots(gm)})
-        raise AdapterError(f"no adapter named '{adapter}' to save; this GraphModule has {names or 'none'}")
+        raise AdapterError(f"no adapter named '{adapter}'; this GraphModule has {names or 'none'}")
     from . import __version__
 
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     records = [_slot_record(s, tensors, tuple(gm.get_submodule(s.target).weight.shape), seen) for s in slots]
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fxtune_version": __version__, "adapter": adapter, "slots": records}
+    return meta, tensors
+
+
+def save_fxtune(gm: fx.GraphModule, path: str, adapter: str) -> None:
+    """Writes one adapter of gm into the directory `path` in fxtune's own format."""
+    meta, tensors = adapter_state(gm, adapter)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, TENSORS_NAME), metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fxtune_version": __version__, "adapter": adapter, "slots": records}
     with open(os.path.join(path, JSON_NAME), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -88,9 +94,9 @@ def _check(gm: fx.GraphModule, meta: dict, tensors: dict[str, torch.Tensor]) -> 
         if rec["kind"] not in _REGISTRY:
             problems.append(f"'{target}': unknown adapter kind '{rec['kind']}' (import the module that defines it)")
         if target not in weights:
-            problems.append(f"'{target}': the file adapts it, the model has no such site")
+            problems.append(f"'{target}': the adapter has it, the model has no such site")
         elif weights[target] != tuple(rec["weight_shape"]):
-            problems.append(f"'{target}': weight shape {list(weights[target])} in the model, {rec['weight_shape']} in the file")
+            problems.append(f"'{target}': weight shape {list(weights[target])} in the model, {rec['weight_shape']} in the adapter")
         for name, entry in rec["tensors"].items():
             key = f"{target}.{name}"
             if key not in tensors:
@@ -116,13 +122,19 @@ def _unpack(rec: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def load_fxtune(gm: fx.GraphModule, path: str, adapter: str | None = None) -> fx.GraphModule:
-    """Re-creates the saved adapter on gm (a new GraphModule); a mismatch raises and changes nothing."""
+    """Re-creates the adapter saved in directory `path` on gm (a new GraphModule)."""
     with open(os.path.join(path, JSON_NAME)) as f:
         meta = json.load(f)
-    tensors = load_file(os.path.join(path, TENSORS_NAME))
+    return apply_adapter_state(gm, meta, load_file(os.path.join(path, TENSORS_NAME)), adapter, source=f"the adapter in {path!r}")
+
+
+def apply_adapter_state(
+    gm: fx.GraphModule, meta: dict, tensors: dict[str, torch.Tensor], adapter: str | None = None, *, source: str = "the adapter"
+) -> fx.GraphModule:
+    """A new GraphModule with the described adapter re-created on gm; a mismatch raises and changes nothing."""
     problems = _check(gm, meta, tensors)
     if problems:
-        raise AdapterError(f"cannot load the adapters in {path!r} onto this model:\n  " + "\n  ".join(problems))
+        raise AdapterError(f"cannot re-create {source} on this model:\n  " + "\n  ".join(problems))
     name = adapter or meta["adapter"]
     by_kind: dict[str, list[dict]] = {}
     for rec in meta["slots"]:
