@@ -25,6 +25,9 @@ from .sites import Site
 from .slots import AdapterSlot, add_slot, all_slots, next_order
 
 
+COMPANION_KIND = "train_module"  # whole-layer copies may join an adapter of any kind
+
+
 class Rewrite:
     """A pass's own copy of `gm` (input untouched, base frozen) and the adapters it adds."""
 
@@ -37,8 +40,8 @@ class Rewrite:
         self.kind = get_kind(kind)
         self.adapter = adapter
         self.touched: set[str] = set()
-        other = {s.kind for s in all_slots(self.gm) if s.adapter == adapter} - {self.kind.name}
-        if other:
+        other = {s.kind for s in all_slots(self.gm) if s.adapter == adapter} - {self.kind.name, COMPANION_KIND}
+        if other and self.kind.name != COMPANION_KIND:
             raise AdapterError(
                 f"adapter '{adapter}' is a {other.pop()} adapter; it can only be extended with the same "
                 f"kind. Give the {self.kind.name} adapter another name: adapter='...'"

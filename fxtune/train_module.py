@@ -1,0 +1,45 @@
+"""modules_to_save, on graphs: a trainable full copy of selected layers (e.g. a classifier head).
+
+The copy is an adapter like any other (kind "train_module": W' = the copy's weight, b' = its
+bias), so it is saved with its adapter, switched by set_active, merged, and swapped in at fuse.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .edit import Rewrite
+from .kinds import AdapterKind, register_kind
+from .selection import Selector
+
+
+def copied_weight(w: torch.Tensor, *, weight_copy: torch.Tensor) -> torch.Tensor:
+    """The meaning on the weight: replaced by the trained copy."""
+    return weight_copy
+
+
+def copied_bias(b: torch.Tensor, *, bias_copy: torch.Tensor) -> torch.Tensor:
+    """The meaning on the bias: replaced by the trained copy."""
+    return bias_copy
+
+
+register_kind(AdapterKind("train_module", weight=copied_weight, bias=copied_bias))
+
+
+def train_module(
+    gm: fx.GraphModule, targets: Selector, *, adapter: str = "default", exclude: Selector = None
+) -> fx.GraphModule:
+    """A new GraphModule in which whole copies of the selected Linear/Conv layers train with `adapter`.
+
+    Like PEFT's modules_to_save, e.g. `train_module(gm, "fc", adapter="task")` for a new head.
+    Give it the adapter name of the adapter it belongs to; the base layer stays untouched.
+    """
+    rw = Rewrite(gm, kind="train_module", adapter=adapter)
+    for target in rw.select(targets, exclude=exclude):
+        module = rw.gm.get_submodule(target)
+        params = {"weight_copy": module.weight}
+        if getattr(module, "bias", None) is not None:
+            params["bias_copy"] = module.bias
+        rw.attach(target, params=params, form="weight")
+    return rw.finish()
