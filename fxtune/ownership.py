@@ -61,7 +61,7 @@ def shallow_module_copy(module: nn.Module) -> nn.Module:
     """
     new = type(module).__new__(type(module))
     for key, value in module.__dict__.items():
-        new.__dict__[key] = copy.copy(value) if isinstance(value, dict) else value
+        new.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set)) else value
     return new
 
 

@@ -1,6 +1,13 @@
 """fxtune's passes: each module is one technique, a function GraphModule -> GraphModule."""
 
 from .fuse import fuse
+from .ia3 import ia3
 from .lora import lora
+from .low_rank import low_rank
+from .slice_delta import slice_delta
+from .sp_lopa import sp_lopa
+from .sp_lora import sp_lora
+from .sp_para import sp_para
+from .svdiff import svdiff
 
-__all__ = ["fuse", "lora"]
+__all__ = ["fuse", "ia3", "lora", "low_rank", "slice_delta", "sp_lopa", "sp_lora", "sp_para", "svdiff"]

@@ -4,7 +4,20 @@ position="output": W' = diag(s)·W and b' = s·b, i.e. y' = y·s over the output
 position="input" (the feed-forward variant): W' = W·diag(s), i.e. the site reads x·s; on a
 grouped conv, weight column j of output o (in group g) is input channel g·(in/groups) + j.
 
-PLACEHOLDER_CODE
+After `ia3(gm, targets="layer4.*")` (output position, activation form) a site reads:
+
+    layer4_0_conv1_scale = self.fxtune.default.layer4_0_conv1.scale
+    layer4_0_conv1 = getattr(self.layer4, "0").conv1(x);  x = None
+    layer4_0_conv1_ia3_scale_view = layer4_0_conv1_scale.view(-1, 1, 1);  layer4_0_conv1_scale = None
+    layer4_0_conv1_ia3 = layer4_0_conv1 * layer4_0_conv1_ia3_scale_view;  layer4_0_conv1 = layer4_0_conv1_ia3_scale_view = None
+
+and after `ia3(gm, targets="fc", position="input")`:
+
+    fc_scale = self.fxtune.default.fc.scale
+    fc_ia3_input = mean * fc_scale;  mean = fc_scale = None
+    fc = self.fc(fc_ia3_input);  fc_ia3_input = None
+
+form="weight" calls `ia3_weight` / `ia3_bias` on the weight and bias before the op instead.
 """
 
 from __future__ import annotations
