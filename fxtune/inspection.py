@@ -11,11 +11,14 @@ from .ownership import NAMESPACE
 from .rewrite import effective_forms
 from .sites import all_sites
 from .slots import all_slots, slots_on
+from .structure import trainable_names
 
 
 def trainable_parameters(gm: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer should update: the adapters' (and modules trained with them)."""
-    return [p for name, p in gm.named_parameters() if name.startswith(NAMESPACE + ".") and p.requires_grad]
+    """The parameters an optimizer should update: the adapters' (and modules trained with them),
+    and those a structural pass made trainable (e.g. low-rank factors), if still requiring grad."""
+    listed = set(trainable_names(gm))
+    return [p for name, p in gm.named_parameters() if p.requires_grad and (name.startswith(NAMESPACE + ".") or name in listed)]
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -24,7 +27,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def summary_rows(gm: fx.GraphModule) -> list[dict]:
     """One record per call site: its module, weight shape, adapters (with the form used) and counts."""
-    rows, counted = [], set()
+    rows, counted, seen_all, seen_trainable = [], set(), set(), set()
     for site in all_sites(gm):
         slots = slots_on(gm, site.target, active_only=False)
         emitted = [s for s in slots if s.active and not s.merged]
@@ -36,8 +39,8 @@ def summary_rows(gm: fx.GraphModule) -> list[dict]:
             labels.append(label + (f" ({reason})" if reason and form == "weight" else ""))
         first = site.target not in counted
         counted.add(site.target)
-        params = sum(s.num_params() for s in slots) if first else 0
-        trainable = sum(s.num_params(trainable_only=True) for s in slots) if first else 0
+        params = sum(s.num_params(seen=seen_all) for s in slots) if first else 0
+        trainable = sum(s.num_params(trainable_only=True, seen=seen_trainable) for s in slots) if first else 0
         rows.append(
             {
                 "site": site.name,

@@ -46,12 +46,13 @@ def adapters(gm: fx.GraphModule) -> AdapterList:
     by_name: dict[str, list[AdapterSlot]] = {}
     for slot in all_slots(gm):
         by_name.setdefault(slot.adapter, []).append(slot)
+    seen: set[int] = set()
     return AdapterList(
         AdapterInfo(
             name=name,
             kind="+".join(sorted({s.kind for s in slots})),
             sites=tuple(s.target for s in slots),
-            parameters=sum(s.num_params() for s in slots),
+            parameters=sum(s.num_params(seen=seen) for s in slots),
             active=all(s.active for s in slots),
             merged=all(s.merged for s in slots),
         )

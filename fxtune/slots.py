@@ -43,16 +43,19 @@ class AdapterSlot(nn.Module):
     def tensor_names(self) -> list[str]:
         return [k for k, v in self.inputs().items() if isinstance(v, torch.Tensor)]
 
-    def num_params(self, *, trainable_only: bool = False) -> int:
+    def num_params(self, *, trainable_only: bool = False, seen: set[int] | None = None) -> int:
         """Adapter parameters, counting only the entries a `<name>_mask` buffer keeps (if any).
 
         A kind that masks a parameter multiplies it by `<name>_mask` in its transform, so the
-        masked entries get no gradient and are not counted.
+        masked entries get no gradient and are not counted. Parameters whose id is in `seen`
+        (shared with a slot counted before) are skipped, and added to it.
         """
         total = 0
         for name, p in self._parameters.items():
-            if p is None or (trainable_only and not p.requires_grad):
+            if p is None or (trainable_only and not p.requires_grad) or (seen is not None and id(p) in seen):
                 continue
+            if seen is not None:
+                seen.add(id(p))
             mask = self._buffers.get(f"{name}_mask")
             total += int(torch.broadcast_to(mask, p.shape).sum()) if mask is not None else p.numel()
         return total
