@@ -118,7 +118,7 @@ def _unpack(rec: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             full = torch.zeros(entry["shape"], dtype=getattr(torch, entry["dtype"]))
             full[mask] = tensors[f"{rec['target']}.{name}"]
             out[name] = full
-    return out
+    return {name: out[name] for name in rec["tensors"]}
 
 
 def load_fxtune(gm: fx.GraphModule, path: str, adapter: str | None = None) -> fx.GraphModule:
