@@ -18,6 +18,8 @@ from torch import fx
 from .edit import Rewrite
 from .errors import AdapterError
 from .kinds import _REGISTRY
+from .peft_format import CONFIG_NAME as PEFT_CONFIG_NAME
+from .peft_format import load_peft, save_peft
 from .sites import all_sites
 from .slots import AdapterSlot, all_slots
 
@@ -172,14 +174,25 @@ def _recreate(rw: Rewrite, site: Any, rec: dict, tensors: dict[str, torch.Tensor
 
 
 def save_adapters(gm: fx.GraphModule, path: str, adapter: str = "default", *, format: str = "fxtune") -> None:
-    """Writes one adapter into the directory `path`: adapters.safetensors + adapters.json."""
+    """Writes one adapter into the directory `path`: adapters.safetensors + adapters.json, or with
+    format="peft" a LoRA adapter as PEFT's adapter_model.safetensors + adapter_config.json."""
+    if format == "peft":
+        return save_peft(gm, path, adapter)
     if format != "fxtune":
-        raise AdapterError(f"unknown adapter file format {format!r}; use 'fxtune'")
+        raise AdapterError(f"unknown adapter file format {format!r}; use 'fxtune' or 'peft'")
     save_fxtune(gm, path, adapter)
 
 
 def load_adapters(gm: fx.GraphModule, path: str, *, adapter: str | None = None) -> fx.GraphModule:
-    """A new GraphModule with the adapter saved in `path` re-created on gm (optionally renamed)."""
-    if not os.path.isfile(os.path.join(path, JSON_NAME)):
-        raise AdapterError(f"{path!r} holds no {JSON_NAME}; it is not an fxtune adapter directory")
+    """A new GraphModule with the adapter saved in `path` re-created on gm (optionally renamed).
+
+    The directory's contents say its format: adapters.json is fxtune's, adapter_config.json PEFT's.
+    """
+    is_fxtune, is_peft = (os.path.isfile(os.path.join(path, name)) for name in (JSON_NAME, PEFT_CONFIG_NAME))
+    if is_fxtune and is_peft:
+        raise AdapterError(f"{path!r} holds both {JSON_NAME} (fxtune) and {PEFT_CONFIG_NAME} (PEFT); keep each format in its own directory")
+    if is_peft:
+        return load_peft(gm, path, adapter)
+    if not is_fxtune:
+        raise AdapterError(f"{path!r} holds neither {JSON_NAME} nor {PEFT_CONFIG_NAME}; it is not an fxtune adapter directory (nor a PEFT one)")
     return load_fxtune(gm, path, adapter)
