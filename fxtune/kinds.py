@@ -29,6 +29,9 @@ class AdapterKind:
     restore(site, weight, config, tensors) optional, what re-creating a saved adapter needs beyond its
                                      saved tensors: {"buffers": derived tensors (not saved), "modules":
                                      submodules, "base_weight": a replacement base weight}; all optional
+    activation_reads_weight          True if the activation form reads the site's own weight/bias (e.g. a
+                                     norm of W): it is then used only while the adapter acts first on its
+                                     site, and the weight form otherwise
     `inputs` holds the adapter's tensors (parameters and persistent buffers) and its settings.
     """
 
@@ -39,6 +42,7 @@ class AdapterKind:
     activation_input: Callable[..., Any] | None = None
     activation_blocker: Callable[..., str | None] | None = None
     restore: Callable[..., dict] | None = None
+    activation_reads_weight: bool = False
     _accepts: dict = field(default_factory=dict, compare=False, repr=False)
 
     def accepted(self, fn: Callable, inputs: dict[str, Any]) -> dict[str, Any]:

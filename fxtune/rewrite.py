@@ -33,7 +33,7 @@ def _load_arg(arg: Any, by_name: dict[str, fx.Node]) -> Any:
 def effective_forms(site: Site, slots: list[AdapterSlot]) -> list[tuple[str, str]]:
     """(form, reason) of each slot as emitted: requested, unless something forces the weight form."""
     forms = []
-    for slot in slots:
+    for i, slot in enumerate(slots):
         kind = get_kind(slot.kind)
         reason = slot.form_reason
         if slot.form == "activation":
@@ -42,6 +42,8 @@ def effective_forms(site: Site, slots: list[AdapterSlot]) -> list[tuple[str, str
                 reason = f"{kind.name} has no activation form"
             elif blocker:
                 reason = blocker
+            elif kind.activation_reads_weight and i > 0:
+                reason = f"{kind.name}'s activation form reads the base weight, and '{slots[0].adapter}' acts before it"
         forms.append(("weight" if slot.form == "weight" or reason else "activation", reason))
     last_weight = max((i for i, (form, _) in enumerate(forms) if form == "weight"), default=-1)
     for i in range(last_weight):
