@@ -1,5 +1,6 @@
 """fxtune's passes: each module is one technique, a function GraphModule -> GraphModule."""
 
+from .dora import dora
 from .fuse import fuse
 from .ia3 import ia3
 from .lora import lora
@@ -10,4 +11,4 @@ from .sp_lora import sp_lora
 from .sp_para import sp_para
 from .svdiff import svdiff
 
-__all__ = ["fuse", "ia3", "lora", "low_rank", "slice_delta", "sp_lopa", "sp_lora", "sp_para", "svdiff"]
+__all__ = ["dora", "fuse", "ia3", "lora", "low_rank", "slice_delta", "sp_lopa", "sp_lora", "sp_para", "svdiff"]

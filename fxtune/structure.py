@@ -1,0 +1,128 @@
+"""Structural edits: replace a call site's module by a chain of new modules, and its call by a chain of calls.
+
+Structural passes (low-rank factorization, channel pruning) change which modules a graph calls
+rather than adding adapters. They work on their own copy of `gm`, as adapter passes do:
+
+    rs = Restructure(gm, name="low_rank")
+    for target, sites in rs.select(targets, exclude=exclude).items():
+        rs.replace(target, [first, second], trainable=["0.weight", "1.weight"])
+    return rs.finish()
+
+`fc = self.fc(x)` then reads `fc_0 = getattr(self.fc, "0")(x); fc = getattr(self.fc, "1")(fc_0)`
+(the last call keeps the node's name, so a diff shows exactly the new calls): `fc` is an
+`nn.Sequential` of the new modules, which are ordinary modules (and call sites) again.
+Every new call node carries `node.meta["fxtune_structure"]` (pass, site, index, and the pass's
+own notes). Parameters a structural pass makes trainable are listed by qualified name in
+`gm.meta["fxtune_trainable"]`, which `fxtune.trainable_parameters` reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx, nn
+
+from .errors import FxtuneError
+from .ownership import clone_graph_module, replace_submodule
+from .selection import Selector, select_targets
+from .sites import Site
+from .slots import slots_on
+
+STRUCTURE_META = "fxtune_structure"
+TRAINABLE_META = "fxtune_trainable"
+
+
+class StructureError(FxtuneError):
+    """A structural edit cannot be made as asked (adapted module, weight used outside calls, nothing to do)."""
+
+
+def trainable_names(gm: nn.Module) -> tuple[str, ...]:
+    """Qualified names of base-tree parameters that structural passes made trainable (e.g. new factors)."""
+    meta = getattr(gm, "meta", None)
+    return tuple(meta.get(TRAINABLE_META, ())) if isinstance(meta, dict) else ()
+
+
+class Restructure:
+    """A pass's own copy of `gm` (input untouched, base frozen) on which modules are replaced by chains."""
+
+    def __init__(self, gm: fx.GraphModule, *, name: str):
+        if not isinstance(gm, fx.GraphModule):
+            raise StructureError(f"passes take a GraphModule (use fxtune.trace(model) first), got {type(gm).__name__}")
+        self.gm = clone_graph_module(gm)
+        self.name = name
+        self.replaced: list[str] = []
+
+    def select(self, targets: Selector = None, *, exclude: Selector = None) -> dict[str, list[Site]]:
+        """Chosen sites grouped by module path; a module called several times comes whole or not at all."""
+        return select_targets(self.gm, targets, exclude=exclude)
+
+    def weight(self, target: str) -> torch.Tensor:
+        """The current weight of `target`, detached (read it, never write it)."""
+        return self.gm.get_submodule(target).weight.detach()
+
+    def replace(
+        self,
+        target: str,
+        modules: Sequence[nn.Module],
+        *,
+        trainable: Iterable[str] = (),
+        meta: dict[str, Any] | None = None,
+    ) -> list[fx.Node]:
+        """Puts `nn.Sequential(*modules)` at `target` and turns every call of it into a chain of calls.
+
+        `trainable` names parameters relative to the sequence (`"0.weight"`); they get
+        requires_grad=True and are listed for `trainable_parameters`, all other new ones are frozen.
+        Returns the new call nodes (every call's chain, in graph order).
+        """
+        self._check(target)
+        if not modules:
+            raise StructureError(f"replacing '{target}' needs at least one module, got none")
+        sequence = nn.Sequential(*modules)
+        trainable = set(trainable)
+        unknown = trainable - {name for name, _ in sequence.named_parameters()}
+        if unknown:
+            raise StructureError(f"replacing '{target}': trainable names {sorted(unknown)} are not parameters of the new modules")
+        for name, param in sequence.named_parameters():
+            param.requires_grad_(name in trainable)
+        graph = self.gm.graph
+        created = []
+        for node in [n for n in graph.nodes if n.op == "call_module" and n.target == target]:
+            args, kwargs = node.args, node.kwargs
+            with graph.inserting_before(node):
+                for index in range(len(modules) - 1):
+                    new = graph.create_node("call_module", f"{target}.{index}", args, kwargs, name=f"{node.name}_{index}")
+                    new.meta[STRUCTURE_META] = {"pass": self.name, "site": target, "index": index, **(meta or {})}
+                    args, kwargs = (new,), {}
+                    created.append(new)
+            node.target, node.args, node.kwargs = f"{target}.{len(modules) - 1}", args, kwargs
+            node.meta[STRUCTURE_META] = {"pass": self.name, "site": target, "index": len(modules) - 1, **(meta or {})}
+            created.append(node)
+        replace_submodule(self.gm, target, sequence)
+        kept = [n for n in trainable_names(self.gm) if n != target and not n.startswith(target + ".")]
+        self.gm.meta[TRAINABLE_META] = tuple(kept + sorted(f"{target}.{n}" for n in trainable))
+        self.replaced.append(target)
+        return created
+
+    def _check(self, target: str) -> None:
+        """Refuses modules whose meaning other parts of the graph depend on."""
+        if slots_on(self.gm, target, active_only=False):
+            raise StructureError(
+                f"'{target}' carries adapters {[s.adapter for s in slots_on(self.gm, target, active_only=False)]}; "
+                "a structural pass would orphan them. Run fuse(gm) first, or exclude this site"
+            )
+        nodes = self.gm.graph.nodes
+        if not any(n.op == "call_module" and n.target == target for n in nodes):
+            raise StructureError(f"'{target}' is not called as a module in the graph, so its calls cannot be replaced")
+        direct = sorted({n.target for n in nodes if n.op == "get_attr" and n.target.startswith(target + ".")})
+        if direct:
+            raise StructureError(
+                f"the graph reads {direct} directly, not only through calls of '{target}'; replacing the "
+                "module would break those reads. Exclude this site"
+            )
+
+    def finish(self) -> fx.GraphModule:
+        """Checks the graph and regenerates its code (once per pass); returns the new GraphModule."""
+        self.gm.graph.lint()
+        self.gm.recompile()
+        return self.gm
