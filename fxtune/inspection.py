@@ -28,6 +28,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 def summary_rows(gm: fx.GraphModule) -> list[dict]:
     """One record per call site: its module, weight shape, adapters (with the form used) and counts."""
     rows, counted, seen_all, seen_trainable = [], set(), set(), set()
+    structural = set(trainable_names(gm))
     for site in all_sites(gm):
         slots = slots_on(gm, site.target, active_only=False)
         emitted = [s for s in slots if s.active and not s.merged]
@@ -41,6 +42,10 @@ def summary_rows(gm: fx.GraphModule) -> list[dict]:
         counted.add(site.target)
         params = sum(s.num_params(seen=seen_all) for s in slots) if first else 0
         trainable = sum(s.num_params(trainable_only=True, seen=seen_trainable) for s in slots) if first else 0
+        if first:
+            trainable += sum(
+                p.numel() for n, p in site.module.named_parameters() if p.requires_grad and f"{site.target}.{n}" in structural
+            )
         rows.append(
             {
                 "site": site.name,

@@ -59,6 +59,8 @@ class Pipeline:
         self.records: list[PassRecord] = []
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """Runs every pass in order and records, per pass, the sites it changed (a site replaced by
+        new sites, e.g. `fc` by `fc.0` and `fc.1`, counts once), parameters added and seconds."""
         self.records = []
         for step in self.passes:
             before = _fingerprint(gm)
@@ -67,7 +69,10 @@ class Pipeline:
             gm = step(gm)
             seconds = time.perf_counter() - start
             after = _fingerprint(gm)
-            touched = sum(1 for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+            changed = {k for k in before if before[k] != after.get(k)}
+            touched = len(changed) + sum(
+                1 for k in after.keys() - before.keys() if not any(k.startswith(c + ".") for c in changed)
+            )
             self.records.append(
                 PassRecord(
                     name=_name(step),
