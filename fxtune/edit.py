@@ -10,6 +10,7 @@ A pass reads like this (its own code stays about the technique):
 
 from __future__ import annotations
 
+import keyword
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from .slots import AdapterSlot, add_slot, all_slots, next_order
 
 
 COMPANION_KIND = "train_module"  # whole-layer copies may join an adapter of any kind
+_PLAIN_MODULE = nn.Module()  # adapter names must not shadow its attributes
 
 
 class Rewrite:
@@ -34,8 +36,11 @@ class Rewrite:
     def __init__(self, gm: fx.GraphModule, *, kind: str, adapter: str = "default"):
         if not isinstance(gm, fx.GraphModule):
             raise AdapterError(f"passes take a GraphModule (use fxtune.trace(model) first), got {type(gm).__name__}")
-        if not adapter.isidentifier():
-            raise AdapterError(f"adapter name {adapter!r} must be a Python identifier (it becomes an attribute)")
+        if not isinstance(adapter, str) or not adapter.isidentifier() or keyword.iskeyword(adapter) or hasattr(_PLAIN_MODULE, adapter):
+            raise AdapterError(
+                f"adapter name {adapter!r} cannot be used: it becomes an attribute in the generated code, so it "
+                "must be a Python identifier that is not a keyword nor an nn.Module attribute (e.g. 'task_a')"
+            )
         self.gm = clone_graph_module(gm)
         self.kind = get_kind(kind)
         self.adapter = adapter

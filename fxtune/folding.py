@@ -64,6 +64,8 @@ def fold(gm: fx.GraphModule, adapters: Iterable[str] | None = None) -> fx.GraphM
     `adapters=None` folds the active ones; otherwise the named ones. All others are dropped
     (a merged adapter cannot be dropped: it is already in the weight).
     """
+    if not isinstance(gm, fx.GraphModule):
+        raise FusionError(f"fuse expects a GraphModule (the result of fxtune.trace and passes), got {type(gm).__name__}")
     gm = clone_graph_module(gm)
     slots = all_slots(gm)
     if adapters is None:

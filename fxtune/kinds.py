@@ -32,6 +32,8 @@ class AdapterKind:
     activation_reads_weight          True if the activation form reads the site's own weight/bias (e.g. a
                                      norm of W): it is then used only while the adapter acts first on its
                                      site, and the weight form otherwise
+    weight_blocker(config)           optional, returns why an adapter cannot be computed in the weight form
+                                     (e.g. dropout on activations); forcing it there is then an error
     `inputs` holds the adapter's tensors (parameters and persistent buffers) and its settings.
     """
 
@@ -43,6 +45,7 @@ class AdapterKind:
     activation_blocker: Callable[..., str | None] | None = None
     restore: Callable[..., dict] | None = None
     activation_reads_weight: bool = False
+    weight_blocker: Callable[..., str | None] | None = None
     _accepts: dict = field(default_factory=dict, compare=False, repr=False)
 
     def accepted(self, fn: Callable, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -57,9 +57,10 @@ def own_module_tree(
 def shallow_module_copy(module: nn.Module) -> nn.Module:
     """A new module object with the same attributes; its dicts (parameters, hooks...) are copies.
 
-    Avoids `copy.copy`, which on a GraphModule goes through `__reduce__` and re-traces code.
+    Avoids `copy.copy`, which on a GraphModule goes through `__reduce__` and re-traces code,
+    and `GraphModule.__new__`, which makes a new class without the instance's forward.
     """
-    new = type(module).__new__(type(module))
+    new = object.__new__(type(module))
     for key, value in module.__dict__.items():
         new.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set)) else value
     return new

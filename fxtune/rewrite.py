@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .emit import META, Emitter, site_call_args
+from .errors import AdapterError
 from .kinds import get_kind
 from .sites import BASE_META, Site, all_sites
 from .slots import AdapterSlot, emitted_slots, slot_path
@@ -49,6 +50,15 @@ def effective_forms(site: Site, slots: list[AdapterSlot]) -> list[tuple[str, str
     for i in range(last_weight):
         if forms[i][0] == "activation":
             forms[i] = ("weight", "a weight-form adapter follows it on this site")
+    for slot, (form, reason) in zip(slots, forms):
+        blocker = get_kind(slot.kind).weight_blocker
+        why = blocker(slot.config) if form == "weight" and blocker else None
+        if why:
+            raise AdapterError(
+                f"adapter '{slot.adapter}' ({slot.kind}) on '{site.name}' needs the activation form ({why}), "
+                f"but it would be computed in the weight form: {reason or 'requested'}. Use another site, "
+                "or an activation-form adapter after it"
+            )
     return forms
 
 

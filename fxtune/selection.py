@@ -26,7 +26,14 @@ def matches(site: Site, selector: Selector) -> bool:
         return isinstance(site.module, selector)
     if callable(selector):
         return bool(selector(site))
-    return site.name in set(selector)
+    return site.name in selector
+
+
+def _frozen(selector: Selector) -> Selector:
+    """Name iterables (lists, generators...) become one frozenset, read once."""
+    if selector is None or isinstance(selector, (str, re.Pattern, type)) or callable(selector):
+        return selector
+    return frozenset(selector)
 
 
 def _listing(names: list[str], limit: int = 60) -> str:
@@ -38,7 +45,7 @@ def _check_exact_names(selector: Selector, found: list[Site], role: str) -> None
     if isinstance(selector, (str, re.Pattern, type)) or selector is None or callable(selector):
         return
     names = {s.name for s in found}
-    unknown = [n for n in selector if n not in names]
+    unknown = sorted(n for n in selector if n not in names)
     if unknown:
         raise SelectionError(
             f"{role} names no site: {unknown}. Available sites: {_listing(sorted(names))}"
@@ -51,6 +58,9 @@ def sites(gm: fx.GraphModule, targets: Selector = None, *, exclude: Selector = N
     An empty choice, or an exact name that is not a site, raises SelectionError listing the
     sites that exist.
     """
+    if not isinstance(gm, fx.GraphModule):
+        raise SelectionError(f"expected a GraphModule (use fxtune.trace(model) first), got {type(gm).__name__}")
+    targets, exclude = _frozen(targets), _frozen(exclude)
     found = all_sites(gm)
     if not found:
         raise SelectionError(

@@ -13,6 +13,7 @@ from .errors import TraceError
 from .ownership import build_graph_module, own_module_tree
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_FXTUNE_DIR = os.path.dirname(__file__)
 
 
 class _Tracer(fx.Tracer):
@@ -46,8 +47,9 @@ def trace(
 ) -> fx.GraphModule:
     """Trace `model` into a GraphModule that computes what it computes and never mutates it.
 
-    The GraphModule owns its modules: parameters share the model's storage (no copy, never
-    written), buffers are copied, so training it leaves `model` as it was.
+    The GraphModule owns its modules: parameters share the model's storage read-only (no copy;
+    they do not require grad, so no optimizer writes them), buffers are copied, so training it
+    leaves `model` as it was. Train adapters, or whole-layer copies with `fxtune.train_module`.
     `leaf_modules` (types or dotted names) are kept opaque; `concrete_args` fixes inputs.
     """
     if frontend != "fx":
@@ -64,7 +66,7 @@ def trace(
     if unknown:
         raise TraceError(f"leaf_modules names no module of the model: {unknown}")
 
-    owned = own_module_tree(model)
+    owned = own_module_tree(model, freeze=True)
     tracer = _Tracer(leaf_types, leaf_names)
     try:
         graph = tracer.trace(owned, concrete_args=concrete_args)
@@ -78,7 +80,9 @@ def _explain(model: nn.Module, tracer: _Tracer, exc: Exception) -> str:
     """Names the module and source line where tracing failed, and what to try."""
     where = tracer.inside[-1] if tracer.inside else "<top level>"
     module = dict(model.named_modules()).get(where, model)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith((_TORCH_DIR, _FXTUNE_DIR))
+    ]
     line = f"{frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else "unknown line"
     leaf = f"leaf_modules=[{type(module).__name__}]" if tracer.inside else "leaf_modules=[...]"
     return (

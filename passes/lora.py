@@ -45,7 +45,14 @@ def _restore(site: fxtune.Site, weight: torch.Tensor, config: dict, tensors: dic
     }
 
 
-KIND = fxtune.register_kind(AdapterKind("lora", weight=lora_weight, activation=_activation, restore=_restore))
+def _needs_activations(config: dict) -> str | None:
+    """Why this adapter cannot be computed in the weight form (dropout acts on activations)."""
+    return f"its dropout={config['dropout']} acts on the input activations" if config["dropout"] > 0 else None
+
+
+KIND = fxtune.register_kind(
+    AdapterKind("lora", weight=lora_weight, activation=_activation, restore=_restore, weight_blocker=_needs_activations)
+)
 
 
 def activation_is_cheaper(site: fxtune.Site, r: int) -> bool:
@@ -81,15 +88,21 @@ def pissa_residual(weight: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, sca
     return (weight.double() - scale * delta.view(weight.shape)).to(weight.dtype)
 
 
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _settings(site: fxtune.Site, form: str, *, r, alpha, dropout, rslora, init) -> tuple:
     """This site's (r, alpha, dropout, rslora, init), each resolved with `fxtune.per_site`, validated."""
     r = fxtune.per_site(r, site, 8)
-    if not isinstance(r, int) or r < 1:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise AdapterError(f"r must be a positive int, got {r!r} for '{site.name}'")
     alpha = fxtune.per_site(alpha, site, None)
     alpha = r if alpha is None else alpha
+    if not _finite_number(alpha):
+        raise AdapterError(f"alpha must be a finite number, got {alpha!r} for '{site.name}'")
     dropout = fxtune.per_site(dropout, site, 0.0)
-    if not 0.0 <= dropout < 1.0:
+    if not _finite_number(dropout) or not 0.0 <= dropout < 1.0:
         raise AdapterError(f"dropout must be in [0, 1), got {dropout!r} for '{site.name}'")
     if dropout > 0 and form == "weight":
         raise AdapterError(
