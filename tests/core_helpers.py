@@ -15,6 +15,10 @@ from torch import fx, nn
 
 import fxtune
 
+# The test machine has 2 cores shared with other jobs; multi-threaded LAPACK/conv kernels
+# then spin against each other (a 256×2304 fp64 SVD takes 4 s on 2 threads, 0.2 s on 1).
+torch.set_num_threads(1)
+
 MODEL_BUILDERS = {
     "resnet18": torchvision.models.resnet18,
     "mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
@@ -198,3 +202,12 @@ def expected_lora_numel(module: nn.Module, r: int) -> int:
     """PEFT layout: A (r, in/groups, *k), B (out, r, 1...)."""
     w = module.weight
     return r * math.prod(w.shape[1:]) + w.shape[0] * r
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters do not require grad, as fxtune's base weights.
+
+    torch picks a different linear kernel for 3-D inputs when the weight requires grad (results
+    differ in the last bits), so bit-exact comparisons use a frozen copy of the model.
+    """
+    return copy.deepcopy(model).requires_grad_(False)
