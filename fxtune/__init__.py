@@ -6,6 +6,7 @@
 """
 
 from .adapter_files import load_adapters, save_adapters
+from .batched import batched
 from .edit import Rewrite
 from .emit import Emitter
 from .errors import AdapterError, FusionError, FxtuneError, FxtuneWarning, SelectionError, TraceError
@@ -15,11 +16,15 @@ from .kinds import AdapterKind, get_kind, register_kind
 from .masks import channel_masks, weight_mask
 from .lifecycle import AdapterInfo, adapters, delete_adapter, merge, set_active, unload, unmerge
 from .pipeline import Pipeline
+from .rebase import swap_base
 from .selection import sites
 from .settings import per_site
 from .sites import Site
 from .slots import AdapterSlot
+from .strategy import Strategy
+from .structure import Restructure, StructureError
 from .tracing import trace
+from .train_module import train_module
 
 __version__ = "0.1.0"
 
@@ -27,12 +32,15 @@ __all__ = [
     "AdapterError",
     "AdapterInfo",
     "adapters",
+    "batched",
     "load_adapters",
     "save_adapters",
     "delete_adapter",
     "merge",
     "per_site",
     "set_active",
+    "swap_base",
+    "train_module",
     "unload",
     "unmerge",
     "AdapterKind",
@@ -42,7 +50,10 @@ __all__ = [
     "FxtuneError",
     "FxtuneWarning",
     "Pipeline",
+    "Restructure",
     "Rewrite",
+    "StructureError",
+    "Strategy",
     "SelectionError",
     "Site",
     "TraceError",
