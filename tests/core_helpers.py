@@ -13,11 +13,6 @@ import torch
 import torchvision
 from torch import fx, nn
 
-import fxtune
-
-# The test machine has 2 cores shared with other jobs; multi-threaded LAPACK/conv kernels
-# then spin against each other (a 256×2304 fp64 SVD takes 4 s on 2 threads, 0.2 s on 1).
-torch.set_num_threads(1)
 
 MODEL_BUILDERS = {
     "resnet18": torchvision.models.resnet18,

@@ -19,7 +19,6 @@ from transform_helpers import (
     inputs,
     lora_ref,
     net,
-    one_thread,  # noqa: F401  (autouse fixture)
     reference,
     slice_ref,
     slot,

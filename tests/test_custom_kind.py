@@ -73,13 +73,6 @@ def gated_basis(gm, targets=None, *, r=3, seed=0, form="activation", adapter="de
     return rw.finish()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread per test process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Net(nn.Module):

@@ -16,7 +16,6 @@ from transform_helpers import (
     ia3_ref,
     inputs,
     net,
-    one_thread,  # noqa: F401  (autouse fixture)
     randomize,
     reference,
     slot,

@@ -16,12 +16,6 @@ import fxtune
 from fxtune.passes import fuse, ia3, lora, slice_delta, sp_lopa, sp_lora, sp_para, svdiff
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Net(nn.Module):

@@ -22,7 +22,6 @@ from transform_helpers import (
     base64,
     inputs,
     net,
-    one_thread,  # noqa: F401  (autouse fixture)
     randomize,
     reference,
     slice_ref,

@@ -17,7 +17,6 @@ from transform_helpers import (
     groups_of,
     inputs,
     net,
-    one_thread,  # noqa: F401  (autouse fixture)
     reference,
     slot,
     snapshot,
