@@ -1,0 +1,425 @@
+"""fxtune LoRA against PEFT LoRA on torchvision resnet50 and vit_b_16, side by side in one process.
+
+Both libraries adapt the same call sites with r=8 (scale 1), random weights, CPU. Each
+measurement interleaves the candidates (base, fxtune, PEFT, then the reverse order, ...) for
+`--repeats` rounds and reports medians, so machine load hits all of them alike; ratios are the
+median of the per-round ratios. Before timing, fxtune is given PEFT's A/B and both outputs are
+compared, so the timings compare equal computations.
+
+    python benchmarks/lora_vs_peft.py                    # full run, writes benchmarks/RESULTS.md
+    python benchmarks/lora_vs_peft.py --quick            # smoke run (small input), prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import peft
+import torch
+import torch.nn.functional as F
+import torchvision
+from tabulate import tabulate
+from torch import nn
+
+import fxtune
+from fxtune.passes import fuse, lora
+
+RANK = 8
+CHECK_TOL = 1e-5  # max relative difference for "the same computation" in float32
+BEGIN, END = "<!-- lora_vs_peft:begin -->", "<!-- lora_vs_peft:end -->"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = (
+    "# fxtune benchmark results\n\n"
+    "Each section below is written by the script named in it; re-run that script to refresh it.\n"
+)
+
+# Which call sites each model adapts, in both libraries, and why (printed with the results).
+SITE_NOTES = {
+    "resnet50": "every nn.Conv2d and nn.Linear (53 convs + fc)",
+    "vit_b_16": (
+        "every nn.Linear called as a module: the 24 MLP linears (encoder_layer_*.mlp.0/3) and heads.head. "
+        "Not adapted in either library: conv_proj, and the attention projections, which "
+        "nn.MultiheadAttention uses as bare weights (in_proj_weight, out_proj.weight), so PEFT's module "
+        "wrappers cannot reach them the way fxtune's call sites do"
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (robust to load with --threads 1)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each fn, `repeats` rounds, alternating the order (ABC CBA ABC ...)."""
+    for fn in fns.values():
+        fn()  # warm-up (allocator, oneDNN primitive caches)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for rep in range(repeats):
+        gc.collect()
+        for name in names if rep % 2 == 0 else reversed(names):
+            fn = fns[name]
+            start = CLOCK()
+            for _ in range(inner):
+                fn()
+            times[name].append((CLOCK() - start) / inner)
+    return times
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num/den measured in the same round."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def timed_once(setup: Callable[[], object], fn: Callable[[object], object]) -> float:
+    """Seconds of fn(setup()) without the setup (e.g. PEFT needs a fresh deepcopy each time)."""
+    arg = setup()
+    gc.collect()
+    start = CLOCK()
+    fn(arg)
+    return CLOCK() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# models and the two libraries
+
+
+def build(name: str, quick: bool, channels_last: bool = False) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    batch, size = (2, 64) if quick else (4, 224)
+    if name == "resnet50":
+        model = torchvision.models.resnet50(weights=None)
+    elif name == "vit_b_16":
+        model = torchvision.models.vit_b_16(weights=None, image_size=size)
+    else:
+        raise SystemExit(f"unknown model {name!r}; choose from resnet50, vit_b_16")
+    x = torch.randn(batch, 3, size, size)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    return model.eval(), x
+
+
+def site_names(model: nn.Module, name: str) -> list[str]:
+    """The module paths adapted in both libraries (see SITE_NOTES): layers called as modules only.
+
+    A weight used any other way (e.g. by nn.MultiheadAttention) is left out: PEFT wraps modules,
+    so a LoRA on a weight the graph never calls through its module would not act in PEFT.
+    """
+    kinds = (nn.Conv2d, nn.Linear) if name == "resnet50" else (nn.Linear,)
+
+    def called_as_module(site) -> bool:
+        node = site.node
+        return node.op == "call_module" and node.target == site.name and isinstance(site.module, kinds)
+
+    return [s.name for s in fxtune.sites(fxtune.trace(model), called_as_module)]
+
+
+def fx_inject(model: nn.Module, names: list[str]) -> torch.fx.GraphModule:
+    return lora(fxtune.trace(model), targets=names, r=RANK)
+
+
+def peft_inject(model: nn.Module, names: list[str]) -> nn.Module:
+    """PEFT on `model` itself (callers pass a deepcopy): same sites, r, scale alpha/r = 1."""
+    config = peft.LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=names)
+    return peft.get_peft_model(model, config)
+
+
+def peft_layers(pm: nn.Module) -> dict[str, nn.Module]:
+    """PEFT's LoRA layers by the path of the module they wrap in the original model."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    return {n[len(prefix):]: m for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
+
+
+def share_factors(pm: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """Gives PEFT's B random values (it starts at zero) and copies PEFT's A/B into fxtune."""
+    slots = gm.fxtune.default
+    with torch.no_grad():
+        for target, layer in peft_layers(pm).items():
+            layer.lora_B["default"].weight.normal_(0.0, 0.02)
+            slot = getattr(slots, target.replace(".", "_"))
+            slot.lora_a.copy_(layer.lora_A["default"].weight)
+            slot.lora_b.copy_(layer.lora_B["default"].weight)
+
+
+def realised_forms(gm: torch.fx.GraphModule) -> str:
+    """How many sites got the activation / weight form, read from the nodes' `meta["fxtune"]` tags."""
+    roles: dict[str, set[str]] = {"lora_down": set(), "lora_weight": set()}
+    for node in gm.graph.nodes:
+        tag = node.meta.get("fxtune")
+        if tag and tag.get("role") in roles:
+            roles[tag["role"]].add(tag["site"])
+    return f"activation form on {len(roles['lora_down'])} sites, weight form on {len(roles['lora_weight'])}"
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# one model
+
+
+def bench_model(name: str, repeats: int, quick: bool, channels_last: bool = False) -> dict:
+    model, x = build(name, quick, channels_last)
+    names = site_names(model, name)
+    labels = torch.randint(0, 1000, (x.shape[0],))
+    fw_inner = 1 if quick else 2
+
+    # trace + inject vs get_peft_model (PEFT's deepcopy is outside the timed region)
+    setup = {"fxtune": [], "PEFT": []}
+    interleave = [("fxtune", lambda: timed_once(lambda: None, lambda _: fx_inject(model, names))),
+                  ("PEFT", lambda: timed_once(lambda: copy.deepcopy(model), lambda m: peft_inject(m, names)))]
+    for rep in range(repeats):
+        for key, run in interleave if rep % 2 == 0 else reversed(interleave):
+            setup[key].append(run())
+
+    gm = fx_inject(model, names)
+    pm = peft_inject(copy.deepcopy(model), names)
+    forms = realised_forms(gm)
+    adapted_peft = sorted(peft_layers(pm))
+    if adapted_peft != sorted(names):
+        raise SystemExit(f"{name}: PEFT adapted {len(adapted_peft)} modules, fxtune {len(names)}; they must match")
+
+    # same A/B in both, then compare outputs (unfused and fused)
+    share_factors(pm, gm)
+    gm.eval()
+    pm.eval()
+    with torch.no_grad():
+        ref_base, out_fx, out_peft = model(x), gm(x), pm(x)
+        fused_check = fuse(gm)
+        merged_check = copy.deepcopy(pm).merge_and_unload()
+        out_fused, out_merged = fused_check(x), merged_check(x)
+    check = {
+        "unfused": max_rel(out_fx, out_peft),
+        "fused": max_rel(out_fused, out_merged),
+        "fused_vs_unfused": max_rel(out_fused, out_fx),
+        "delta_vs_base": max_rel(ref_base, out_fx),  # well above the others: the adapters are not no-ops
+    }
+    del fused_check, merged_check
+    if max(check["unfused"], check["fused"]) > CHECK_TOL:
+        print(f"WARNING {name}: fxtune and PEFT outputs differ by {max(check['unfused'], check['fused']):.1e} "
+              "with the same A/B; the timings below do not compare equal computations", file=sys.stderr)
+
+    # unfused forward, eval + no_grad
+    with torch.no_grad():
+        fwd = interleaved({"base": lambda: model(x), "fxtune": lambda: gm(x), "PEFT": lambda: pm(x)}, repeats, fw_inner)
+
+    # training step: forward + backward + AdamW; base = full fine-tune of a copy (all params trainable)
+    full = copy.deepcopy(model).train()
+    for p in full.parameters():
+        p.requires_grad_(True)
+    gm.train()
+    pm.train()
+    opts = {
+        "base": torch.optim.AdamW(full.parameters(), lr=1e-5),
+        "fxtune": torch.optim.AdamW(fxtune.trainable_parameters(gm), lr=1e-5),
+        "PEFT": torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-5),
+    }
+    nets = {"base": full, "fxtune": gm, "PEFT": pm}
+    trainable = {k: sum(p.numel() for g in o.param_groups for p in g["params"]) for k, o in opts.items()}
+
+    def step(key: str) -> Callable[[], None]:
+        def run() -> None:
+            opts[key].zero_grad(set_to_none=True)
+            F.cross_entropy(nets[key](x), labels).backward()
+            opts[key].step()
+        return run
+
+    train = interleaved({k: step(k) for k in nets}, repeats)
+    del full, opts
+    gm.eval()
+    pm.eval()
+
+    # fuse vs merge_and_unload (merge_and_unload consumes its model: a fresh deepcopy each round)
+    fold = {"fxtune": [], "PEFT": []}
+    interleave = [("fxtune", lambda: timed_once(lambda: None, lambda _: fuse(gm))),
+                  ("PEFT", lambda: timed_once(lambda: copy.deepcopy(pm), lambda m: m.merge_and_unload()))]
+    for rep in range(repeats):
+        for key, run in interleave if rep % 2 == 0 else reversed(interleave):
+            fold[key].append(run())
+
+    # fused forward; the traced, unadapted GraphModule runs alongside: its code is what fusion restores
+    fused = fuse(gm).eval()
+    merged = copy.deepcopy(pm).merge_and_unload().eval()
+    traced = fxtune.trace(model).eval()
+    with torch.no_grad():
+        fused_t = interleaved({"base": lambda: model(x), "fxtune": lambda: fused(x), "PEFT": lambda: merged(x),
+                               "traced": lambda: traced(x)}, repeats, fw_inner)
+
+    return {
+        "model": name, "sites": len(names), "forms": forms, "input": tuple(x.shape), "check": check, "trainable": trainable,
+        "setup": setup, "fwd": fwd, "train": train, "fold": fold, "fused": fused_t,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def ms(s: float) -> str:
+    return f"{s * 1e3:.1f}"
+
+
+def targets_for(name: str, measure: str, fx: float, pf: float) -> tuple[str, str]:
+    """(target text, met) for fxtune's ratio; '-' when no target applies."""
+    if measure == "fused forward":
+        return "≤ 1.01", "yes" if fx <= 1.01 else "no"
+    if measure == "unfused forward" and name == "resnet50":
+        return "≤ 1.30", "yes" if fx <= 1.30 else "no"
+    if measure == "train step" and name == "resnet50":
+        return "≤ 0.65", "yes" if fx <= 0.65 else "no"
+    if measure == "train step":
+        return f"< PEFT ({pf:.3f})", "yes" if fx < pf else "no"
+    return "-", "-"
+
+
+def tables(results: list[dict]) -> tuple[str, str]:
+    ratio_rows, once_rows = [], []
+    for r in results:
+        for measure, key, note in (
+            ("unfused forward", "fwd", "eval, no_grad"),
+            ("train step", "train", "fwd+bwd+AdamW; base = full fine-tune"),
+            ("fused forward", "fused", "fxtune fuse / PEFT merge_and_unload"),
+        ):
+            t = r[key]
+            fx, pf = paired_ratio(t["fxtune"], t["base"]), paired_ratio(t["PEFT"], t["base"])
+            target, met = targets_for(r["model"], measure, fx, pf)
+            ratio_rows.append([r["model"], f"{measure} ({note})", ms(med(t["base"])), ms(med(t["fxtune"])),
+                               ms(med(t["PEFT"])), f"{fx:.3f}", f"{pf:.3f}", target, met])
+        for op, key in (("trace+lora / get_peft_model", "setup"), ("fuse / merge_and_unload", "fold")):
+            t = r[key]
+            once_rows.append([r["model"], op, ms(med(t["fxtune"])), ms(med(t["PEFT"])),
+                              f"{paired_ratio(t['fxtune'], t['PEFT']):.2f}"])
+    ratio = tabulate(ratio_rows, headers=["model", "measurement", "base ms", "fxtune ms", "PEFT ms",
+                                          "fxtune ÷ base", "PEFT ÷ base", "target (fxtune ÷ base)", "met"],
+                     tablefmt="github", disable_numparse=True)
+    once = tabulate(once_rows, headers=["model", "operation (fxtune / PEFT)", "fxtune ms", "PEFT ms", "fxtune ÷ PEFT"],
+                    tablefmt="github", disable_numparse=True)
+    return ratio, once
+
+
+def checkout() -> str:
+    """The git commit measured, and whether fxtune/ or passes/ had uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "fxtune", "passes"], cwd=root, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return head.stdout.strip() + (" with uncommitted changes in fxtune/ or passes/" if dirty.stdout.strip() else "")
+
+
+def machine() -> str:
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"{platform.platform()} ({platform.machine()}), Python {platform.python_version()}, "
+            f"os.cpu_count()={os.cpu_count()}, torch.get_num_threads()={torch.get_num_threads()}, "
+            f"load average (1/5/15 min) at the end: {load}")
+
+
+def report(results: list[dict], args: argparse.Namespace, load_start: str) -> str:
+    ratio, once = tables(results)
+    lines = [
+        "## LoRA: fxtune vs PEFT (`benchmarks/lora_vs_peft.py`)",
+        "",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- versions: torch {torch.__version__}, torchvision {torchvision.__version__}, peft {peft.__version__}, "
+        f"fxtune {fxtune.__version__} ({checkout()})",
+        f"- machine: {machine()}; load average at the start: {load_start}",
+        f"- settings: CPU, float32, random weights, LoRA r={RANK}, alpha={RANK} (scale 1), no dropout; "
+        f"{args.repeats} interleaved rounds per measurement, medians of {'process CPU' if args.clock == 'cpu' else 'wall-clock'} "
+        "time; ratios are medians of per-round ratios"
+        + (" — QUICK smoke run, not representative" if args.quick else ""),
+    ]
+    for r in results:
+        c = r["check"]
+        tr = r["trainable"]
+        lines += [
+            f"- {r['model']}: input {'×'.join(map(str, r['input']))}; {r['sites']} sites adapted in both "
+            f"libraries: {SITE_NOTES[r['model']]}; fxtune form='auto' gave the {r['forms']}; trainable parameters fxtune {tr['fxtune']:,}, "
+            f"PEFT {tr['PEFT']:,}, full fine-tune {tr['base']:,}",
+            f"- {r['model']} numerical check (same A/B, B random): max|fxtune − PEFT| / max|PEFT| = "
+            f"{c['unfused']:.1e} unfused, {c['fused']:.1e} fused "
+            f"({'equal' if max(c['unfused'], c['fused']) <= CHECK_TOL else 'NOT EQUAL'} within {CHECK_TOL:.0e}); fused vs unfused {c['fused_vs_unfused']:.1e}; "
+            f"adapted vs base model {c['delta_vs_base']:.1e} (the adapters change the output)",
+        ]
+    for r in results:
+        t = r["fused"]
+        lines.append(
+            f"- {r['model']} fused forward in context: the traced, unadapted GraphModule (`fxtune.trace(model)`, "
+            f"whose code `fuse` restores) runs at {paired_ratio(t['traced'], t['base']):.3f}× the eager model; "
+            f"fused ÷ traced = {paired_ratio(t['fxtune'], t['traced']):.3f}"
+        )
+    lines += ["", ratio, "", once, ""]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    """Replaces only what lies between this script's markers in RESULTS.md (appends if absent)."""
+    old = RESULTS.read_text() if RESULTS.exists() else HEADER
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
+    if BEGIN in old and END in old and old.index(BEGIN) < old.index(END):
+        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    RESULTS.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds per measurement (default 7; 2 with --quick)")
+    ap.add_argument("--models", default="resnet50,vit_b_16", help="comma-separated: resnet50,vit_b_16")
+    ap.add_argument("--quick", action="store_true", help="smoke run: batch 2 at 64×64, 2 rounds; does not write RESULTS.md")
+    ap.add_argument("--write", action="store_true", help="write RESULTS.md even with --quick")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--channels-last", action="store_true", help="model and input in torch.channels_last")
+    ap.add_argument("--raw", action="store_true", help="also print every round's time (ms) to stderr")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall (default) or cpu = process CPU time, steadier on a loaded machine with --threads 1")
+    args = ap.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 7
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    load_start = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    results = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        print(f"[{name}] ...", file=sys.stderr, flush=True)
+        results.append(bench_model(name, args.repeats, args.quick, args.channels_last))
+        if args.raw:
+            for key in ("setup", "fwd", "train", "fold", "fused"):
+                rounds = {k: [round(v * 1e3, 1) for v in vs] for k, vs in results[-1][key].items()}
+                print(f"  {name} {key}: {rounds}", file=sys.stderr)
+        gc.collect()
+    text = report(results, args, load_start)
+    print(text)
+    if not args.quick or args.write:
+        write_section(text)
+        print(f"wrote {RESULTS}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
