@@ -7,6 +7,7 @@
 
 from .adapter_files import load_adapters, save_adapters
 from .batched import batched
+from .coverage import Coverage, coverage
 from .edit import Rewrite
 from .emit import Emitter
 from .errors import AdapterError, FusionError, FxtuneError, FxtuneWarning, SelectionError, TraceError
@@ -33,6 +34,8 @@ __all__ = [
     "AdapterInfo",
     "adapters",
     "batched",
+    "Coverage",
+    "coverage",
     "load_adapters",
     "save_adapters",
     "delete_adapter",

@@ -20,7 +20,8 @@ from .errors import AdapterError
 from .kinds import _REGISTRY
 from .peft_format import CONFIG_NAME as PEFT_CONFIG_NAME
 from .peft_format import load_peft, save_peft
-from .sites import all_sites
+from .folding import site_of
+from .sites import canonical_sites
 from .slots import AdapterSlot, all_slots
 
 FORMAT = "fxtune.adapters"
@@ -71,7 +72,8 @@ def adapter_state(gm: fx.GraphModule, adapter: str) -> tuple[dict, dict[str, tor
 
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    records = [_slot_record(s, tensors, tuple(gm.get_submodule(s.target).weight.shape), seen) for s in slots]
+    sites = canonical_sites(gm)
+    records = [_slot_record(s, tensors, site_of(sites, s.target).shape, seen) for s in slots]
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fxtune_version": __version__, "adapter": adapter, "slots": records}
     return meta, tensors
 
@@ -90,7 +92,7 @@ def _check(gm: fx.GraphModule, meta: dict, tensors: dict[str, torch.Tensor]) -> 
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         return [f"not an fxtune adapter file (format {meta.get('format')!r} v{meta.get('format_version')!r})"]
     problems = []
-    weights = {s.target: tuple(s.weight_shape) for s in all_sites(gm)}
+    weights = {target: tuple(s.weight_shape) for target, s in canonical_sites(gm).items()}
     for rec in meta["slots"]:
         target = rec["target"]
         if rec["kind"] not in _REGISTRY:
@@ -143,7 +145,7 @@ def apply_adapter_state(
         by_kind.setdefault(rec["kind"], []).append(rec)
     for kind, records in by_kind.items():
         rw = Rewrite(gm, kind=kind, adapter=name)
-        sites = {s.target: s for s in all_sites(rw.gm)}
+        sites = canonical_sites(rw.gm)
         created: dict[str, torch.nn.Parameter] = {}
         for rec in records:
             _recreate(rw, sites[rec["target"]], rec, _unpack(rec, tensors), created)

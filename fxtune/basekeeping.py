@@ -1,65 +1,79 @@
 """Remembering base weights that fxtune replaced, so set_active, unmerge and unload are exact.
 
-When a GraphModule's own copy of a module gets a new weight (PiSSA's residual, a merge), the
-previous Parameter objects are kept in the module's `__dict__` (not in its state_dict).
+When a GraphModule's own copy of a weight gets a new value (PiSSA's residual, a merge), the
+previous raw-layout pieces (the Parameter objects themselves for whole tensors, the rows for a
+q/k/v slice) are kept in the owning module's `__dict__`, not in its state_dict, one record per
+weight.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from .sites import WeightRef
+from .weights import Weights, raw_rows
 
 ORIGINAL = "_fxtune_original"  # the traced weights, and the adapter that replaced them
 PREMERGE = "_fxtune_premerge"  # the weights before the first merge
 
 
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach(), requires_grad=False)
+def _key(record: str, ref: WeightRef) -> str:
+    if ref.param == "weight" and ref.rows is None:
+        return record
+    rows = "" if ref.rows is None else f"[{ref.rows[0]}:{ref.rows[1]}]"
+    return f"{record}:{ref.param}{rows}"
 
 
-def remember(module: nn.Module, record: str, **extra) -> None:
-    """Keeps the module's current weight and bias under `record`, unless one is already kept."""
-    if record not in module.__dict__:
-        module.__dict__[record] = {"weight": module._parameters.get("weight"), "bias": module._parameters.get("bias"), **extra}
+def _records(store: Weights, ref: WeightRef) -> dict:
+    return store.owner(ref).__dict__
 
 
-def restore(module: nn.Module, record: str) -> bool:
-    """Puts the kept weight and bias back (as new frozen Parameters on the same storage)."""
-    kept = module.__dict__.pop(record, None)
+def remember(store: Weights, ref: WeightRef, record: str, **extra) -> None:
+    """Keeps the weight's current raw pieces (weight, bias) under `record`, unless some are already kept."""
+    records, key = _records(store, ref), _key(record, ref)
+    if key not in records:
+        weight, bias = store.pieces(ref)
+        records[key] = {"weight": weight, "bias": bias, **extra}
+
+
+def restore(store: Weights, ref: WeightRef, record: str) -> bool:
+    """Puts the kept weight and bias back (whole tensors as new frozen Parameters on the same storage)."""
+    kept = _records(store, ref).pop(_key(record, ref), None)
     if kept is None:
         return False
-    for key in ("weight", "bias"):
-        if kept[key] is not None:
-            module._parameters[key] = _frozen(kept[key])
+    store.write_pieces(ref, kept["weight"], kept["bias"])
     return True
 
 
-def forget_all(module: nn.Module) -> None:
+def forget_all(store: Weights, ref: WeightRef) -> None:
     for record in (ORIGINAL, PREMERGE):
-        module.__dict__.pop(record, None)
+        _records(store, ref).pop(_key(record, ref), None)
 
 
-def set_weights(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """Gives the (GraphModule-owned) module new frozen weight/bias tensors."""
-    module._parameters["weight"] = _frozen(weight)
-    if bias is not None:
-        module._parameters["bias"] = _frozen(bias)
+def replace_base(store: Weights, ref: WeightRef, weight: torch.Tensor, by: str) -> None:
+    """Adapter `by` gives the weight a new canonical base value (e.g. PiSSA's residual); the traced one is kept."""
+    remember(store, ref, ORIGINAL, by=by, replacement=raw_rows(weight.detach(), ref))
+    store.write_pieces(ref, _records(store, ref)[_key(ORIGINAL, ref)]["replacement"])
 
 
-def replace_base(module: nn.Module, weight: torch.Tensor, by: str) -> None:
-    """Adapter `by` gives the module a new base weight (e.g. PiSSA's residual); the traced one is kept."""
-    remember(module, ORIGINAL, by=by, replacement=_frozen(weight))
-    module._parameters["weight"] = module.__dict__[ORIGINAL]["replacement"]
-
-
-def replaced_by(module: nn.Module) -> str | None:
-    """The adapter whose base-weight replacement is in force on this module, if any."""
-    kept = module.__dict__.get(ORIGINAL)
+def replaced_by(store: Weights, ref: WeightRef) -> str | None:
+    """The adapter whose base-weight replacement is in force on this weight, if any."""
+    kept = _records(store, ref).get(_key(ORIGINAL, ref))
     return None if kept is None else kept["by"]
 
 
-def use_base(module: nn.Module, replaced: bool) -> None:
-    """Switches the module between the traced weight and the replacement its adapter made."""
-    kept = module.__dict__.get(ORIGINAL)
+def replacement(store: Weights, ref: WeightRef) -> torch.Tensor | None:
+    """The replacement base weight in the canonical view, if an adapter made one."""
+    kept = _records(store, ref).get(_key(ORIGINAL, ref))
+    if kept is None:
+        return None
+    piece = kept["replacement"]
+    return piece.t() if ref.transposed else piece
+
+
+def use_base(store: Weights, ref: WeightRef, replaced: bool) -> None:
+    """Switches the weight between the traced value and the replacement its adapter made."""
+    kept = _records(store, ref).get(_key(ORIGINAL, ref))
     if kept is not None:
-        module._parameters["weight"] = _frozen(kept["replacement"] if replaced else kept["weight"])
+        store.write_pieces(ref, kept["replacement"] if replaced else kept["weight"])
+

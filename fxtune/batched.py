@@ -41,14 +41,16 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, fx, nn
 
-from .basekeeping import ORIGINAL, replaced_by, use_base
+from .basekeeping import replaced_by, replacement, use_base
+from .calls import remember_call as _remember_call
 from .emit import META, Emitter
 from .errors import AdapterError
 from .kinds import get_kind
 from .ownership import clone_graph_module
-from .rewrite import _inputs, _remember_call, effective_forms, strip_site
-from .sites import Site, all_sites
+from .rewrite import _inputs, effective_forms, strip_site
+from .sites import Site, all_sites, canonical_sites
 from .slots import AdapterSlot, all_slots, slot_path, target_key
+from .weights import Weights, keep_index, keep_positions
 
 INDEX = "adapter_index"
 BASES = "fxtune_batched_bases"  # an adapter's replacement base weight (PiSSA), non-persistent
@@ -184,6 +186,7 @@ def batched(gm: fx.GraphModule, names: str | Iterable[str], *, form: str = "auto
     if any(str(n.target).startswith("*") for n in inputs):
         raise AdapterError("batched needs a forward without *args/**kwargs; trace with concrete_args to fix them")
     out = clone_graph_module(gm)
+    _check_sites(out, names)
     _use_traced_bases(out, names)
     for site in all_sites(out):
         strip_site(out, site)
@@ -198,18 +201,31 @@ def batched(gm: fx.GraphModule, names: str | Iterable[str], *, form: str = "auto
     return out
 
 
+def _check_sites(gm: fx.GraphModule, names: tuple[str, ...]) -> None:
+    """Refuses sites whose output cannot be computed per group of rows (weights used inside other calls)."""
+    adapted = {s.target for s in all_slots(gm) if s.adapter in names}
+    for site in all_sites(gm):
+        if site.target in adapted and (site.call not in ("module", "function") or not site.canonical):
+            why = {"value": "its weight is passed as a value into other code", "mha": "it is inside nn.MultiheadAttention"}
+            raise AdapterError(
+                f"batched cannot serve site '{site.name}': {why.get(site.call, 'it uses a tied weight in another layout')}, "
+                f"so its rows cannot take different adapters. Leave {sorted({s.adapter for s in all_slots(gm) if s.target == site.target and s.adapter in names})} "
+                f"off '{site.target}' (exclude it when adding them), or fuse/merge them for a single-adapter model"
+            )
+
+
 def _use_traced_bases(gm: fx.GraphModule, names: tuple[str, ...]) -> None:
     """Puts back the traced weights; a replacement base weight (PiSSA) of a named adapter is kept
-    as a non-persistent buffer (under `fxtune_batched_bases`) for that adapter's rows."""
+    (canonical view) as a non-persistent buffer (under `fxtune_batched_bases`) for that adapter's rows."""
     bases = nn.Module()
+    store, sites = Weights(gm), canonical_sites(gm)
     for slot in all_slots(gm):
         slot.active = slot.adapter in names
     for target in dict.fromkeys(s.target for s in all_slots(gm)):
-        module = gm.get_submodule(target)
-        if replaced_by(module) in names:
-            replacement = module.__dict__[ORIGINAL]["replacement"].detach()
-            bases.register_buffer(target_key(target), replacement, persistent=False)
-        use_base(module, False)
+        ref = sites[target].ref
+        if replaced_by(store, ref) in names:
+            bases.register_buffer(target_key(target), replacement(store, ref).detach().contiguous(), persistent=False)
+        use_base(store, ref, False)
     if bases._buffers:
         gm.add_module(BASES, bases)
 
@@ -254,9 +270,10 @@ class _Groups:
     def __init__(self, gm: fx.GraphModule, site: Site, plan: fx.Node, route: tuple[int, ...]):
         self.gm, self.site, self.plan, self.route = gm, site, plan, route
         self.root = Emitter(gm, site)
-        self.x = site.node.args[0] if site.node.args else site.node.kwargs["input"]
-        self.weight = self.root.get_attr(f"{site.target}.weight", role="weight")
-        self.bias = self.root.get_attr(f"{site.target}.bias", role="bias") if site.has_bias else None
+        self.x = site.input
+        self.weight = self.root.base_weight(role="weight")
+        self.bias = self.root.base_bias(role="bias")
+        self.replaced = replaced_by(Weights(gm), site.ref)
         self.shared: fx.Node | None = None
 
     def rows(self, em: Emitter, x: fx.Node, i: int, role: str) -> fx.Node:
@@ -278,12 +295,14 @@ class _Groups:
         site, kind = self.site, get_kind(slot.kind)
         em = self.root.for_slot(slot.adapter, slot.kind, slot_path(slot))
         x = self.rows(em, self.x, i, "rows")
-        weight, bias, replaced = self.weight, self.bias, replaced_by(site.module) == slot.adapter
+        weight, bias, replaced = self.weight, self.bias, self.replaced == slot.adapter
         if replaced:
             weight = em.get_attr(f"{BASES}.{target_key(site.target)}", role="base_weight")
         inputs = _inputs(em, slot)
         if form == "weight" or effective_forms(site, [slot])[0][0] == "weight":
             w = em.call(kind.weight, weight, role=f"{kind.name}_weight", **kind.accepted(kind.weight, inputs))
+            if site.kept is not None:
+                w = em.call(keep_index, w, weight, site.kept[1], site.kept[0], role="keep_padding")
             if kind.bias is not None and bias is not None:
                 bias = em.call(kind.bias, bias, role=f"{kind.name}_bias", **kind.accepted(kind.bias, inputs))
             return em.site_call(x, w, bias, role="out")
@@ -292,4 +311,7 @@ class _Groups:
             y = self.base_rows(em, i)
         else:
             y = em.site_call(inner, weight, bias, role="out")
-        return kind.activation(em, x, y, inputs) if kind.activation is not None else y
+        out = kind.activation(em, x, y, inputs) if kind.activation is not None else y
+        if site.kept is not None and out is not y:
+            out = em.call(keep_positions, out, y, x, site.kept[1], role="keep_padding")
+        return out

@@ -22,8 +22,9 @@ from .kinds import get_kind
 from .ownership import clone_graph_module
 from .rewrite import rebuild
 from .selection import Selector, select_targets
-from .sites import Site
+from .sites import Site, canonical_sites
 from .slots import AdapterSlot, add_slot, all_slots, next_order
+from .weights import Weights
 
 
 COMPANION_KIND = "train_module"  # whole-layer copies may join an adapter of any kind
@@ -45,6 +46,8 @@ class Rewrite:
         self.kind = get_kind(kind)
         self.adapter = adapter
         self.touched: set[str] = set()
+        self.store = Weights(self.gm)
+        self._sites: dict[str, Site] | None = None
         other = {s.kind for s in all_slots(self.gm) if s.adapter == adapter} - {self.kind.name, COMPANION_KIND}
         if other and self.kind.name != COMPANION_KIND:
             raise AdapterError(
@@ -56,16 +59,29 @@ class Rewrite:
         """Chosen sites grouped by weight (module path); shared weights come whole or not at all."""
         return select_targets(self.gm, targets, exclude=exclude)
 
+    def site(self, target: str) -> Site:
+        """The first site of the weight `target`: its `ref` is how this weight's adapters see it."""
+        if self._sites is None:
+            self._sites = canonical_sites(self.gm)
+        if target not in self._sites:
+            raise AdapterError(f"'{target}' is no adapted weight of this graph; weights: {sorted(self._sites)[:40]}")
+        return self._sites[target]
+
     def weight(self, target: str) -> torch.Tensor:
-        """The current base weight of `target`, detached (read it, never write it)."""
-        return self.gm.get_submodule(target).weight.detach()
+        """The current base weight of `target` in its canonical (out, in/groups, *kernel) view, detached
+        (read it, never write it): e.g. the q rows of an in_proj_weight, an embedding's table transposed."""
+        return self.store.read(self.site(target).ref)[0]
+
+    def bias(self, target: str) -> torch.Tensor | None:
+        """The current base bias of `target` (its rows, for q/k/v), detached, or None."""
+        return self.store.read(self.site(target).ref)[1]
 
     def replace_base_weight(self, target: str, weight: torch.Tensor) -> None:
-        """Gives the GraphModule's own copy of `target` a new (frozen) weight tensor; the model's stays.
+        """Gives the GraphModule's own copy of `target` a new (frozen) canonical weight; the model's stays.
 
         The replaced weight is remembered, so `fxtune.unload` gives back the traced weights.
         """
-        replace_base(self.gm.get_submodule(target), weight.detach().clone(), by=self.adapter)
+        replace_base(self.store, self.site(target).ref, weight.detach().clone(), by=self.adapter)
 
     def attach(
         self,

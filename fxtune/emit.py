@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .sites import Site
-
-META = "fxtune"
+from .sites import META, Site
+from .weights import graph_canonical
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -29,24 +28,29 @@ def site_prefix(site: Site, adapter: str | None = None) -> str:
 class Emitter:
     """Creates tagged nodes at the graph's current insertion point for one site."""
 
-    def __init__(self, gm: fx.GraphModule, site: Site, *, adapter: str | None = None, kind: str | None = None):
+    def __init__(
+        self, gm: fx.GraphModule, site: Site, *, adapter: str | None = None, kind: str | None = None,
+        prefix: str | None = None, graph: fx.Graph | None = None,
+    ):
         self.gm = gm
-        self.graph = gm.graph
+        self.graph = gm.graph if graph is None else graph
         self.site = site
         self.adapter = adapter
         self.kind = kind
+        self.prefix = prefix
         self.slot_path: str | None = None
         self.created: list[fx.Node] = []
 
     def for_slot(self, adapter: str, kind: str, slot_path: str) -> "Emitter":
         """An emitter for one adapter of this site, sharing the list of created nodes."""
         em = Emitter(self.gm, self.site, adapter=adapter, kind=kind)
+        em.graph = self.graph
         em.slot_path = slot_path
         em.created = self.created
         return em
 
     def name(self, role: str) -> str:
-        return f"{site_prefix(self.site, self.adapter)}_{role}"
+        return f"{self.prefix or site_prefix(self.site, self.adapter)}_{role}"
 
     def _tag(self, node: fx.Node, role: str) -> fx.Node:
         node.meta[META] = {"site": self.site.name, "adapter": self.adapter, "kind": self.kind, "role": role}
@@ -73,9 +77,25 @@ class Emitter:
     def mul(self, a: Any, b: Any, *, role: str) -> fx.Node:
         return self.call(operator.mul, a, b, role=role)
 
+    def base_weight(self, *, role: str) -> fx.Node:
+        """The site's base weight in the canonical (out, in/groups, *kernel) view its adapters see."""
+        raw = self.get_attr(self.site.own.path, role=role)
+        return graph_canonical(self, raw, self.site.ref, role)
+
+    def base_bias(self, *, role: str) -> fx.Node | Any:
+        """The site's bias (its rows, for q/k/v), or None: a get_attr, or the call's own bias argument."""
+        own = self.site.own
+        if own.bias is None:
+            return self.site.bias_arg if self.site.call == "function" else None
+        bias = self.get_attr(own.bias, role=role)
+        if own.bias_rows is not None:
+            bias = self.call(operator.getitem, bias, slice(*own.bias_rows), role=f"{role}_rows")
+        return bias
+
     def site_call(self, x: fx.Node, weight: Any, bias: Any = None, *, groups: int | None = None, role: str) -> fx.Node:
-        """The site's own operation on `x` with another weight: same stride, padding, dilation, padding_mode."""
-        fn, args = site_call_args(self.site, x, weight, bias, groups=groups, pad=lambda *a: self.call(F.pad, *a, role=f"{role}_pad"))
+        """The site's own operation on `x` with another (canonical-view) weight: same stride, padding,
+        dilation, padding_mode; an embedding looks rows up in the weight's transpose."""
+        fn, args = site_call_args(self.site, x, weight, bias, groups=groups, emit=lambda f, *a, part: self.call(f, *a, role=f"{role}_{part}"))
         return self.call(fn, *args, role=role)
 
     def pointwise(self, x: fx.Node, weight: Any, *, groups: int = 1, role: str) -> fx.Node:
@@ -92,26 +112,26 @@ class Emitter:
 
 
 def site_call_args(
-    site: Site, x: Any, weight: Any, bias: Any, *, groups: int | None = None, pad: Callable | None = None
+    site: Site, x: Any, weight: Any, bias: Any, *, groups: int | None = None, emit: Callable[..., Any]
 ) -> tuple[Callable, tuple]:
-    """`(fn, args)` of the functional op equal to calling the site's module with `weight`, `bias`.
+    """`(fn, args)` of the functional op equal to the site's call with canonical `weight` and `bias`.
 
-    A conv with padding_mode other than zeros is explicit `F.pad` then an unpadded conv,
-    exactly what the module does; `pad(x, amounts, mode)` creates that node.
+    A conv with padding_mode other than zeros is explicit `F.pad` then an unpadded conv, exactly
+    what the module does; an embedding is `F.embedding(x, weight.t(), padding_idx, ...)`.
+    `emit(fn, *args, part=...)` creates those extra nodes.
     """
-    m = site.module
+    geo = site.geometry
+    if site.kind == "embedding":
+        table = emit(torch.t, weight, part="t")
+        return F.embedding, (x, table, geo.padding_idx, None, geo.norm_type, geo.scale_grad_by_freq, False)
     if not site.is_conv:
         return F.linear, (x, weight, bias)
-    groups = m.groups if groups is None else groups
-    padding = m.padding
-    if m.padding_mode != "zeros":
-        x = pad(x, tuple(m._reversed_padding_repeated_twice), m.padding_mode)
+    groups = geo.groups if groups is None else groups
+    padding = geo.padding
+    if geo.padding_mode != "zeros":
+        x = emit(F.pad, x, geo.pad_amounts, geo.padding_mode, part="pad")
         padding = 0
-    return _CONV[site.kind], (x, weight, bias, tuple(m.stride), _plain(padding), tuple(m.dilation), groups)
-
-
-def _plain(padding: Any) -> Any:
-    return padding if isinstance(padding, (str, int)) else tuple(padding)
+    return _CONV[site.kind], (x, weight, bias, geo.stride, padding, geo.dilation, groups)
 
 
 def is_tagged(node: fx.Node) -> bool:

@@ -9,7 +9,7 @@ from torch import fx, nn
 
 from .ownership import NAMESPACE
 from .rewrite import effective_forms
-from .sites import all_sites
+from .sites import all_sites, join
 from .slots import all_slots, slots_on
 from .structure import trainable_names
 
@@ -44,7 +44,7 @@ def summary_rows(gm: fx.GraphModule) -> list[dict]:
         trainable = sum(s.num_params(trainable_only=True, seen=seen_trainable) for s in slots) if first else 0
         if first:
             trainable += sum(
-                p.numel() for n, p in site.module.named_parameters() if p.requires_grad and f"{site.target}.{n}" in structural
+                p.numel() for n, p in site.module.named_parameters() if p.requires_grad and join(site.own.owner, n) in structural
             )
         rows.append(
             {

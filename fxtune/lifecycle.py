@@ -13,12 +13,20 @@ from typing import Iterable
 from tabulate import tabulate
 from torch import fx
 
-from .basekeeping import ORIGINAL, PREMERGE, remember, replaced_by, restore, set_weights, use_base
+from .basekeeping import ORIGINAL, PREMERGE, remember, replaced_by, restore, use_base
 from .errors import AdapterError
-from .folding import folded_tensors
+from .folding import folded_tensors, site_of
 from .ownership import clone_graph_module
 from .rewrite import rebuild
+from .sites import WeightRef, canonical_sites
 from .slots import AdapterSlot, all_slots, remove_slots
+from .weights import Weights
+
+
+def _refs(gm: fx.GraphModule, targets) -> dict[str, WeightRef]:
+    """The weight reference of every adapted target, from the graph's sites."""
+    sites = canonical_sites(gm)
+    return {t: site_of(sites, t).ref for t in targets}
 
 
 @dataclass(frozen=True)
@@ -79,9 +87,9 @@ def set_active(gm: fx.GraphModule, names: str | Iterable[str]) -> fx.GraphModule
     gm = clone_graph_module(gm)
     for slot in all_slots(gm):
         slot.active = slot.adapter in chosen
-    for target in {s.target for s in all_slots(gm)}:
-        module = gm.get_submodule(target)
-        use_base(module, replaced_by(module) in chosen)
+    store = Weights(gm)
+    for ref in _refs(gm, {s.target for s in all_slots(gm)}).values():
+        use_base(store, ref, replaced_by(store, ref) in chosen)
     rebuild(gm, {s.target for s in all_slots(gm)})
     return gm
 
@@ -93,10 +101,10 @@ def delete_adapter(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     doomed = [s for s in all_slots(gm) if s.adapter == name]
     if any(s.merged for s in doomed):
         raise AdapterError(f"adapter '{name}' is merged into the weights; call fxtune.unmerge(gm) first")
-    for target in {s.target for s in doomed}:
-        module = gm.get_submodule(target)
-        if replaced_by(module) == name:
-            restore(module, ORIGINAL)
+    store = Weights(gm)
+    for ref in _refs(gm, {s.target for s in doomed}).values():
+        if replaced_by(store, ref) == name:
+            restore(store, ref, ORIGINAL)
     remove_slots(gm, doomed)
     rebuild(gm, {s.target for s in doomed})
     return gm
@@ -113,6 +121,7 @@ def merge(gm: fx.GraphModule, names: str | Iterable[str] | None = None) -> fx.Gr
     by_target: dict[str, list[AdapterSlot]] = {}
     for slot in all_slots(gm):
         by_target.setdefault(slot.target, []).append(slot)
+    store, sites = Weights(gm), canonical_sites(gm)
     for target, slots in by_target.items():
         todo = [s for s in slots if s.adapter in chosen and not s.merged]
         later = [s for s in slots if s.active and not s.merged and s.adapter not in chosen]
@@ -123,10 +132,11 @@ def merge(gm: fx.GraphModule, names: str | Iterable[str] | None = None) -> fx.Gr
             )
         if not todo:
             continue
-        module = gm.get_submodule(target)
-        remember(module, PREMERGE)
-        weight, bias = folded_tensors(module, todo)
-        set_weights(module, weight, bias)
+        site = site_of(sites, target)
+        remember(store, site.ref, PREMERGE)
+        weight, bias = store.read(site.ref)
+        weight, bias = folded_tensors(weight, bias, todo, site.kept)
+        store.write(site.ref, weight, bias)
         for slot in todo:
             slot.active = slot.merged = True
             slot.__dict__["_trainable_before_merge"] = {k: p.requires_grad for k, p in slot.named_parameters(recurse=False)}
@@ -140,8 +150,9 @@ def unmerge(gm: fx.GraphModule) -> fx.GraphModule:
     """Puts back the weights as they were before merging (the same bits) and re-activates the adapters' code."""
     gm = clone_graph_module(gm)
     merged = [s for s in all_slots(gm) if s.merged]
-    for target in {s.target for s in merged}:
-        restore(gm.get_submodule(target), PREMERGE)
+    store = Weights(gm)
+    for ref in _refs(gm, {s.target for s in merged}).values():
+        restore(store, ref, PREMERGE)
     for slot in merged:
         slot.merged = False
         flags = slot.__dict__.pop("_trainable_before_merge", {})
@@ -155,10 +166,10 @@ def unload(gm: fx.GraphModule) -> fx.GraphModule:
     """The base GraphModule with no adapters: the traced weights, also after merges or PiSSA-style inits."""
     gm = clone_graph_module(gm)
     slots = all_slots(gm)
-    for target in {s.target for s in slots}:
-        module = gm.get_submodule(target)
-        restore(module, PREMERGE)
-        restore(module, ORIGINAL)
+    store = Weights(gm)
+    for ref in _refs(gm, {s.target for s in slots}).values():
+        restore(store, ref, PREMERGE)
+        restore(store, ref, ORIGINAL)
     remove_slots(gm, slots)
     rebuild(gm, {s.target for s in slots})
     return gm

@@ -54,7 +54,7 @@ def _checked(site: Site, given: Mapping[str, Tensor], shapes: dict[str, tuple[in
     unknown = sorted(set(given) - set(shapes))
     if unknown:
         raise AdapterError(f"masks for '{site.name}' has unknown keys {unknown}; the keys are {list(shapes)}")
-    device = site.module.weight.device
+    device = site.device
     checked = {}
     for key, shape in shapes.items():
         mask = given.get(key)

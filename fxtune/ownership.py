@@ -83,6 +83,9 @@ def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str = "Grap
     gm.train(root.training)
     if isinstance(getattr(root, "meta", None), dict):
         gm.meta.update(root.meta)
+    for key, value in root.__dict__.items():  # kept base weights of the root's own parameters (basekeeping)
+        if key.startswith("_fxtune_"):
+            gm.__dict__[key] = copy.copy(value)
     return gm
 
 

@@ -27,8 +27,9 @@ from .edit import Rewrite
 from .errors import AdapterError
 from .kinds import _REGISTRY
 from .ownership import NAMESPACE
-from .sites import all_sites, site_kind
+from .sites import canonical_sites
 from .slots import AdapterSlot, all_slots
+from .weights import Weights
 
 CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -107,6 +108,16 @@ def _geometry_problem(module: nn.Module) -> str | None:
         return f"dilation={tuple(module.dilation)}: PEFT's lora_A ignores the layer's dilation"
     if module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r}: PEFT's lora_A pads with zeros"
+    return None
+
+
+def _peft_layout_problem(site: Any) -> str | None:
+    """Why PEFT's LoRA keys (`<module>.lora_A/B.weight` on a Linear/Conv) cannot express this site, if so."""
+    if site.call == "mha" or site.ref.rows is not None:
+        return f"a {site.type_name} projection; PEFT's format here holds LoRA on Linear/Conv modules only (save with format='fxtune')"
+    if not isinstance(site.module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or site.ref.param != "weight" or site.ref.transposed:
+        return (f"a {type(site.module).__name__} weight ({site.kind}); PEFT's format here holds LoRA on Linear/Conv "
+                "modules only (save with format='fxtune')")
     return None
 
 
@@ -216,13 +227,13 @@ def _plan(gm: fx.GraphModule, config: dict, tensors: dict[str, torch.Tensor]) ->
         problems.append(f"target_modules={config['target_modules']!r} selects no module of this model")
     for path in sorted(set(factors) - set(selected)):
         problems.append(f"'{path}': the file has LoRA factors for it, but target_modules does not select it")
-    sites = {s.target for s in all_sites(gm)}
+    sites = {t for t, s in canonical_sites(gm).items() if _peft_layout_problem(s) is None}
     plan = {}
     for path in selected:
         module = gm.get_submodule(path)
         if path not in sites:
             problems.append(f"'{path}' ({type(module).__name__}): PEFT targets it, but it is not an fxtune call site "
-                            "(a Linear/Conv called in the graph)")
+                            "of a Linear/Conv weight")
             continue
         settled = _settle(path, module, factors.get(path, {}), config)
         if isinstance(settled, str):
@@ -312,12 +323,14 @@ def save_peft(gm: fx.GraphModule, path: str, adapter: str = "default") -> None:
         raise AdapterError(f"no adapter named '{adapter}'; this GraphModule has {names or 'none'}")
     problems = [f"'{s.target}': a {s.kind} adapter (the PEFT format carries LoRA only; save it with format='fxtune')"
                 for s in slots if s.kind != "lora"]
+    store, sites = Weights(gm), canonical_sites(gm)
     for s in slots:
-        module = gm.get_submodule(s.target)
-        geometry = _geometry_problem(module) if site_kind(module) else f"a {type(module).__name__}, which PEFT's LoRA does not adapt"
+        site = sites.get(s.target)
+        layout = _peft_layout_problem(site) if site is not None else "no site of the graph uses this weight any more"
+        geometry = layout or _geometry_problem(site.module)
         if geometry:
             problems.append(f"'{s.target}': {geometry}")
-        elif s.kind == "lora" and s.config.get("init") != "pissa" and replaced_by(module) == adapter:
+        elif s.kind == "lora" and s.config.get("init") != "pissa" and replaced_by(store, site.ref) == adapter:
             problems.append(f"'{s.target}': adapter '{adapter}' replaced its base weight, which PEFT would not do")
     for key in ("dropout", "rslora"):
         values = {s.config.get(key) for s in slots if s.kind == "lora"}

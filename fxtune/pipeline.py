@@ -12,6 +12,7 @@ from torch import fx
 
 from .sites import all_sites
 from .slots import slots_on
+from .weights import Weights
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
@@ -28,9 +29,10 @@ class PassRecord:
 def _fingerprint(gm: fx.GraphModule) -> dict[str, tuple]:
     """Per site: its adapters and the identity of its weight, to tell which sites a pass changed."""
     out = {}
+    store = Weights(gm)
     for site in all_sites(gm):
         slots = slots_on(gm, site.target, active_only=False)
-        weight = site.module.weight
+        weight = store.tensor(site.own.path)
         out[site.name] = (
             tuple((s.adapter, s.kind, s.active, s.order) for s in slots),
             weight.data_ptr(),

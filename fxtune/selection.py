@@ -6,12 +6,19 @@ import fnmatch
 import re
 from typing import Callable, Iterable, Union
 
-from torch import fx
+from torch import fx, nn
 
 from .errors import SelectionError
 from .sites import Site, all_sites
 
 Selector = Union[None, str, "re.Pattern[str]", Iterable[str], type, Callable[[Site], bool]]
+
+# A module type selects the sites whose weight its instances own, the sites inside an instance
+# (nn.MultiheadAttention: its q/k/v/out_proj), and every site computing the op that type stands
+# for: nn.Linear is every linear (F.linear, transformers' Conv1D, attention projections).
+OP_TYPES: dict[str, type] = {
+    "linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "embedding": nn.Embedding,
+}
 
 
 def matches(site: Site, selector: Selector) -> bool:
@@ -23,7 +30,7 @@ def matches(site: Site, selector: Selector) -> bool:
     if isinstance(selector, re.Pattern):
         return selector.fullmatch(site.name) is not None
     if isinstance(selector, type):
-        return isinstance(site.module, selector)
+        return isinstance(site.module, selector) or isinstance(site.caller, selector) or OP_TYPES.get(site.kind) is selector
     if callable(selector):
         return bool(selector(site))
     return site.name in selector
@@ -64,8 +71,9 @@ def sites(gm: fx.GraphModule, targets: Selector = None, *, exclude: Selector = N
     found = all_sites(gm)
     if not found:
         raise SelectionError(
-            "the graph has no linear/conv call sites (nn.Linear, nn.Conv1d/2d/3d called as modules); "
-            "if they sit inside a leaf module, trace without marking it as a leaf"
+            "the graph has no call sites (uses of the weight of an nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, "
+            "nn.MultiheadAttention or F.linear/conv/embedding); if they sit inside a leaf module, trace "
+            "without marking it as a leaf (fxtune.coverage(model, gm) lists the weights that are no sites)"
         )
     _check_exact_names(targets, found, "targets")
     _check_exact_names(exclude, found, "exclude")
@@ -95,8 +103,8 @@ def select_targets(gm: fx.GraphModule, targets: Selector = None, *, exclude: Sel
         missing = [n for n in every[target] if n not in {s.name for s in group}]
         if missing:
             raise SelectionError(
-                f"site '{group[0].name}' shares its weight with {missing} (module '{target}' is "
-                f"called {len(every[target])} times); select all of {every[target]} to share one "
+                f"site '{group[0].name}' shares its weight with {missing} (the weight of '{target}' is "
+                f"used by {len(every[target])} sites); select all of {every[target]} to share one "
                 "adapter between them, or none of them"
             )
     return by_target

@@ -27,7 +27,10 @@ from .errors import AdapterError, FxtuneError, SelectionError
 from .selection import Selector, _listing, _show, matches, sites
 
 FORMAT, FORMAT_VERSION = "fxtune.strategy", 1
-TYPES: dict[str, type] = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
+TYPES: dict[str, type] = {
+    "Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Embedding": nn.Embedding,
+    "MultiheadAttention": nn.MultiheadAttention,
+}
 _CHECK_KEYS = ("regex", "names", "type")
 
 

@@ -26,8 +26,9 @@ from torch import fx, nn
 from .errors import FxtuneError
 from .ownership import clone_graph_module, replace_submodule
 from .selection import Selector, select_targets
-from .sites import Site
+from .sites import Site, canonical_sites
 from .slots import slots_on
+from .weights import Weights
 
 STRUCTURE_META = "fxtune_structure"
 TRAINABLE_META = "fxtune_trainable"
@@ -43,6 +44,20 @@ def trainable_names(gm: nn.Module) -> tuple[str, ...]:
     return tuple(meta.get(TRAINABLE_META, ())) if isinstance(meta, dict) else ()
 
 
+def _why_not(group: list[Site], kinds: tuple[str, ...]) -> str | None:
+    """Why a structural pass cannot replace the module behind these sites, if so."""
+    site = group[0]
+    if site.kind not in kinds:
+        return f"a {site.kind} site; this pass rebuilds {', '.join(kinds)} sites only"
+    if site.call == "mha":
+        return "a projection inside nn.MultiheadAttention, not a module call"
+    direct = sorted({s.own.path for s in group if s.call != "module" or s.own.owner != site.target})
+    if direct:
+        return (f"the graph reads {direct} directly, not only through calls of '{site.target}'; replacing the "
+                "module would break those reads")
+    return None
+
+
 class Restructure:
     """A pass's own copy of `gm` (input untouched, base frozen) on which modules are replaced by chains."""
 
@@ -52,14 +67,32 @@ class Restructure:
         self.gm = clone_graph_module(gm)
         self.name = name
         self.replaced: list[str] = []
+        self._sites: dict[str, Site] | None = None
 
-    def select(self, targets: Selector = None, *, exclude: Selector = None) -> dict[str, list[Site]]:
-        """Chosen sites grouped by module path; a module called several times comes whole or not at all."""
-        return select_targets(self.gm, targets, exclude=exclude)
+    def select(
+        self, targets: Selector = None, *, exclude: Selector = None, kinds: Iterable[str] = ("linear", "conv1d", "conv2d", "conv3d")
+    ) -> dict[str, list[Site]]:
+        """Chosen sites grouped by module path; a module called several times comes whole or not at all.
+
+        Only modules whose weight the graph uses through calls of the module, of the site `kinds`
+        the pass can rebuild, can be replaced; choosing another site is a StructureError naming it.
+        """
+        chosen = select_targets(self.gm, targets, exclude=exclude)
+        refused = {t: _why_not(group, tuple(kinds)) for t, group in chosen.items()}
+        refused = {t: why for t, why in refused.items() if why}
+        if refused:
+            listing = "\n  ".join(f"'{t}': {why}" for t, why in refused.items())
+            raise StructureError(
+                f"{self.name} cannot replace these selected sites:\n  {listing}\nExclude them, e.g. "
+                f"exclude={sorted(refused)[:3]!r} (or exclude=nn.MultiheadAttention for attention projections)"
+            )
+        return chosen
 
     def weight(self, target: str) -> torch.Tensor:
-        """The current weight of `target`, detached (read it, never write it)."""
-        return self.gm.get_submodule(target).weight.detach()
+        """The current weight of `target` in its canonical (out, in/groups, *kernel) view, detached."""
+        if self._sites is None:
+            self._sites = canonical_sites(self.gm)
+        return Weights(self.gm).read(self._sites[target].ref)[0]
 
     def replace(
         self,

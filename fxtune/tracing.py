@@ -28,6 +28,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
+        if type(m).__name__ == "Conv1D":  # transformers' transposed linear: a call site, like nn.Linear
+            return True
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):

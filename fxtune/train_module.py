@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 from .edit import Rewrite
+from .errors import AdapterError
 from .kinds import AdapterKind, register_kind
 from .selection import Selector
 
@@ -30,16 +31,21 @@ register_kind(AdapterKind("train_module", weight=copied_weight, bias=copied_bias
 def train_module(
     gm: fx.GraphModule, targets: Selector, *, adapter: str = "default", exclude: Selector = None
 ) -> fx.GraphModule:
-    """A new GraphModule in which whole copies of the selected Linear/Conv layers train with `adapter`.
+    """A new GraphModule in which whole copies of the selected weights (and biases) train with `adapter`.
 
     Like PEFT's modules_to_save, e.g. `train_module(gm, "fc", adapter="task")` for a new head.
     Give it the adapter name of the adapter it belongs to; the base layer stays untouched.
     """
     rw = Rewrite(gm, kind="train_module", adapter=adapter)
-    for target in rw.select(targets, exclude=exclude):
-        module = rw.gm.get_submodule(target)
-        params = {"weight_copy": module.weight}
-        if getattr(module, "bias", None) is not None:
-            params["bias_copy"] = module.bias
+    for target, found in rw.select(targets, exclude=exclude).items():
+        params = {"weight_copy": rw.weight(target)}
+        bias = rw.bias(target)
+        if bias is not None:
+            params["bias_copy"] = bias
+        elif found[0].has_bias:
+            raise AdapterError(
+                f"'{found[0].name}': its bias is computed in the graph, not a parameter, so it cannot be copied "
+                "and trained; exclude this site"
+            )
         rw.attach(target, params=params, form="weight")
     return rw.finish()

@@ -66,7 +66,7 @@ def dora_factor(
 def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.Node:
     """(m/‖V‖)·(y − b + s·B(A x)) + b, with ‖V‖ from the site's own weight (DoRA acts first here)."""
     site = em.site
-    w = em.get_attr(f"{site.target}.weight", role="dora_base_weight")
+    w = em.base_weight(role="dora_base_weight")
     tensors = {k: inputs[k] for k in ("lora_a", "lora_b", "magnitude")}
     factor = em.call(dora_factor, w, **tensors, scale=inputs["scale"], role="dora_factor")
     a, groups = inputs["lora_a"], site.groups
@@ -78,7 +78,7 @@ def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.
         up = em.mul(up, inputs["scale"], role="lora_scaled")
     bias = None
     if site.has_bias:
-        bias = em.channel_view(em.get_attr(f"{site.target}.bias", role="dora_base_bias"), role="dora_bias_view")
+        bias = em.channel_view(em.base_bias(role="dora_base_bias"), role="dora_bias_view")
         y = em.call(operator.sub, y, bias, role="dora_unbiased")
     inner = em.add(y, up, role="dora_inner")
     out = em.mul(inner, em.channel_view(factor, role="dora_factor_view"), role="dora_scaled")

@@ -2,7 +2,9 @@
 
 A is (r, in/groups, *kernel) and B is (out, r, 1, ...), PEFT's layout, so on a conv the
 activation form is a conv in→r with the site's geometry then a 1×1 conv r→out; grouped
-convs repeat A per group. The weight form adds s·B@A to W before the call.
+convs repeat A per group. The weight form adds s·B@A to W before the call. An embedding's
+weight is seen transposed, (dim, num_embeddings): A is (r, num), B is (dim, r) and the table
+gets (B@A)ᵀ, PEFT's lora_embedding_A/B; the activation form looks x up in Aᵀ, then applies B.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def _factors(site: fxtune.Site, weight: torch.Tensor, r: int, init: str, scale: 
     """A, B in PEFT's layout, and the new base weight for PiSSA (else None)."""
     shape_a = (r, weight.shape[1], *site.kernel_size)
     shape_b = (site.out_features, r, *([1] * len(site.kernel_size)))
+    if site.kind == "embedding" and init != "pissa":  # PEFT's (and loralib's) embedding init: A zero, B ~ N(0, 1)
+        return weight.new_zeros(shape_a), torch.randn(shape_b, dtype=weight.dtype, device=weight.device), None
     if init == "default":
         a = nn.init.kaiming_uniform_(torch.empty(shape_a, dtype=weight.dtype, device=weight.device), a=math.sqrt(5))
         return a, weight.new_zeros(shape_b), None
@@ -73,12 +77,16 @@ def _factors(site: fxtune.Site, weight: torch.Tensor, r: int, init: str, scale: 
         a = torch.randn(shape_a, dtype=weight.dtype, device=weight.device) / r
         return a, weight.new_zeros(shape_b), None
     matrix = weight.flatten(1).double()
+    if site.kept is not None:  # entries never adapted (an embedding's padding row) stay out of A, B and the residual
+        matrix.index_fill_(site.kept[0], torch.tensor(site.kept[1]), 0.0)
     if r > min(matrix.shape):
         raise AdapterError(f"init='pissa' needs r <= {min(matrix.shape)} on '{site.target}' (its weight is {tuple(matrix.shape)} as a matrix); got r={r}")
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = torch.sqrt(s[:r] / scale)
     a = (root[:, None] * vh[:r]).reshape(shape_a).to(weight.dtype)
     b = (u[:, :r] * root[None, :]).reshape(shape_b).to(weight.dtype)
+    if site.kept is not None:
+        (b if site.kept[0] == 0 else a).index_fill_(site.kept[0], torch.tensor(site.kept[1]), 0.0)
     return a, b, pissa_residual(weight, a, b, scale)
 
 
@@ -104,6 +112,11 @@ def _settings(site: fxtune.Site, form: str, *, r, alpha, dropout, rslora, init) 
     dropout = fxtune.per_site(dropout, site, 0.0)
     if not _finite_number(dropout) or not 0.0 <= dropout < 1.0:
         raise AdapterError(f"dropout must be in [0, 1), got {dropout!r} for '{site.name}'")
+    if dropout > 0 and site.input_is_indices:
+        raise AdapterError(
+            f"dropout={dropout} on '{site.name}' would act on an embedding's input, which is indices; give embeddings "
+            "dropout 0, e.g. dropout={'<embedding name>': 0.0, '*': " + f"{dropout}" + "}"
+        )
     if dropout > 0 and form == "weight":
         raise AdapterError(
             f"dropout={dropout} on '{site.name}' acts on the adapter's input activations, which the weight "
@@ -131,7 +144,8 @@ def lora(
     """Adds a LoRA adapter to every selected site; returns a new GraphModule (input untouched).
 
     scale = alpha/r (alpha/sqrt(r) with rslora; alpha defaults to r). init: "default" (A
-    kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r²), B zero) or "pissa" (principal
+    kaiming-uniform, B zero; embeddings: A zero, B ~ N(0, 1), as PEFT), "gaussian" (A ~ N(0, 1/r²),
+    B zero; embeddings as default) or "pissa" (principal
     singular directions of W moved into A, B). form: "activation", "weight" or "auto".
     r, alpha, dropout, rslora and init may also be per site: {glob: value} (first match wins,
     other sites take the default) or a callable Site -> value.

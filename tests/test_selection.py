@@ -187,7 +187,6 @@ def test_names_from_a_generator(where):
         assert "tok" not in _names(gm, exclude=names)
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented: DESIGN counts F.linear/F.conv* on a get_attr weight as a call site")
 def test_functional_linear_on_parameter_is_a_site():
     class Functional(nn.Module):
         def __init__(self):
@@ -199,4 +198,4 @@ def test_functional_linear_on_parameter_is_a_site():
             return self.fc(torch.nn.functional.linear(x, self.w))
 
     gm = fxtune.trace(Functional())
-    assert len(fxtune.sites(gm)) == 2
+    assert [(s.name, s.call) for s in fxtune.sites(gm)] == [("w", "function"), ("fc", "module")]

@@ -1,0 +1,140 @@
+"""A weight's canonical view, read and written in one place, and the small functions graph code calls.
+
+Adapter kinds see every weight as (out, in/groups, *kernel): a linear's or conv's own weight, the
+q/k/v rows of an attention's packed in_proj_weight, the transpose of an embedding's (num, dim)
+table or of a transformers Conv1D's (in, out) weight. Writing never touches a tensor in place:
+it makes new frozen tensors and gives them to every module that held the old one (tied weights
+stay tied).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, fx, nn
+from torch.func import functional_call
+
+from .sites import WeightRef
+
+
+def with_rows(raw: Tensor, start: int, stop: int, rows: Tensor) -> Tensor:
+    """`raw` with rows start:stop replaced by `rows` (a new tensor; gradients flow to `rows`)."""
+    return torch.cat([raw[:start], rows, raw[stop:]])
+
+
+def keep_index(new: Tensor, old: Tensor, index: Sequence[int], dim: int) -> Tensor:
+    """`new` with the slices `index` along `dim` taken from `old` (an embedding's padding row stays as it was)."""
+    mask = torch.zeros(new.shape[dim], dtype=torch.bool, device=new.device)
+    mask[list(index)] = True
+    shape = [1] * new.dim()
+    shape[dim] = -1
+    return torch.where(mask.view(shape), old, new)
+
+
+def keep_positions(new: Tensor, base: Tensor, indices: Tensor, index: Sequence[int]) -> Tensor:
+    """An embedding's output: `base` where the looked-up index is one never adapted (padding), else `new`."""
+    kept = torch.isin(indices, torch.tensor(list(index), device=indices.device))
+    return torch.where(kept.unsqueeze(-1), base, new)
+
+
+def call_with(module: nn.Module, weights: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+    """Calls `module` with some parameters replaced by `weights` (names relative to it); the module keeps its own."""
+    return functional_call(module, weights, args, kwargs)
+
+
+def canonical(raw: Tensor, ref: WeightRef) -> Tensor:
+    """The canonical view of a raw parameter (rows, then transpose)."""
+    if ref.rows is not None:
+        raw = raw[ref.rows[0]:ref.rows[1]]
+    return raw.t() if ref.transposed else raw
+
+
+def raw_rows(weight: Tensor, ref: WeightRef) -> Tensor:
+    """The raw-layout rows that a canonical weight stands for (a contiguous new tensor when transposed)."""
+    return weight.t().contiguous() if ref.transposed else weight
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach(), requires_grad=False)
+
+
+class Weights:
+    """Reads and writes weights of one GraphModule by their WeightRef (canonical view, bias rows)."""
+
+    def __init__(self, gm: nn.Module):
+        self.gm = gm
+        self._holders: dict[int, list[tuple[nn.Module, str]]] | None = None
+
+    def module(self, path: str) -> nn.Module:
+        return self.gm.get_submodule(path) if path else self.gm
+
+    def owner(self, ref: WeightRef) -> nn.Module:
+        return self.module(ref.owner)
+
+    def tensor(self, path: str) -> Tensor:
+        owner, _, name = path.rpartition(".")
+        return self.module(owner)._parameters[name]
+
+    def read(self, ref: WeightRef) -> tuple[Tensor, Tensor | None]:
+        """(W, b) in the canonical view, detached (read them, never write them)."""
+        weight = canonical(self.tensor(ref.path).detach(), ref)
+        return weight, self._bias_rows(ref)
+
+    def _bias_rows(self, ref: WeightRef) -> Tensor | None:
+        if ref.bias is None:
+            return None
+        bias = self.tensor(ref.bias).detach()
+        return bias if ref.bias_rows is None else bias[ref.bias_rows[0]:ref.bias_rows[1]]
+
+    def pieces(self, ref: WeightRef) -> tuple[Tensor, Tensor | None]:
+        """The weight's and bias's current raw-layout pieces: the Parameters themselves for whole tensors."""
+        weight = self.tensor(ref.path)
+        if ref.rows is not None:
+            weight = weight.detach()[ref.rows[0]:ref.rows[1]]
+        bias = self.tensor(ref.bias) if ref.bias is not None and ref.bias_rows is None else self._bias_rows(ref)
+        return weight, bias
+
+    def write(self, ref: WeightRef, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Gives the weight (and bias) new frozen tensors from canonical `weight` (and `bias` rows)."""
+        self.write_pieces(ref, raw_rows(weight.detach(), ref), None if bias is None else bias.detach())
+
+    def write_pieces(self, ref: WeightRef, weight: Tensor | None, bias: Tensor | None = None) -> None:
+        """Puts raw-layout pieces back: a whole tensor becomes a frozen Parameter on its storage, rows are
+        spliced into a new tensor."""
+        if weight is not None:
+            self._put(ref.path, ref.rows, weight)
+        if bias is not None and ref.bias is not None:
+            self._put(ref.bias, ref.bias_rows, bias)
+
+    def _put(self, path: str, rows: tuple[int, int] | None, piece: Tensor) -> None:
+        old = self.tensor(path)
+        new = piece.detach() if rows is None else with_rows(old.detach(), rows[0], rows[1], piece.detach())
+        param = _frozen(new)
+        holders = self._holders_of(old, path)
+        for module, name in holders:
+            module._parameters[name] = param
+        self._holders[id(param)] = self._holders.pop(id(old))
+
+    def _holders_of(self, tensor: Tensor, path: str) -> list[tuple[nn.Module, str]]:
+        if self._holders is None:
+            self._holders = {}
+            for _, module in self.gm.named_modules():
+                for name, p in module._parameters.items():
+                    if p is not None:
+                        self._holders.setdefault(id(p), []).append((module, name))
+        if id(tensor) not in self._holders:
+            owner, _, name = path.rpartition(".")
+            self._holders[id(tensor)] = [(self.module(owner), name)]
+        return self._holders[id(tensor)]
+
+
+def graph_canonical(emit: Any, raw: fx.Node, ref: WeightRef, role: str) -> fx.Node:
+    """Graph nodes reading the canonical view from a raw weight node (rows, then `.t()`)."""
+    node = raw
+    if ref.rows is not None:
+        node = emit.call(operator.getitem, node, slice(*ref.rows), role=f"{role}_rows")
+    if ref.transposed:
+        node = emit.method("t", node, role=f"{role}_t")
+    return node
