@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
+from .export import export_trace
 from .ownership import build_graph_module, own_module_tree
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -44,6 +45,7 @@ def trace(
     *,
     frontend: str = "fx",
     example_inputs: tuple | None = None,
+    example_kwargs: dict[str, Any] | None = None,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
@@ -53,14 +55,19 @@ def trace(
     they do not require grad, so no optimizer writes them), buffers are copied, so training it
     leaves `model` as it was. Train adapters, or whole-layer copies with `fxtune.train_module`.
     `leaf_modules` (types or dotted names) are kept opaque; `concrete_args` fixes inputs.
+    frontend="export" runs torch.export on `example_inputs` / `example_kwargs` instead (for
+    Hugging Face models); its graph keeps the train/eval mode the model had when traced.
     """
-    if frontend != "fx":
-        raise TraceError(
-            f"frontend={frontend!r} is not available in this version of fxtune; use frontend='fx' "
-            "(example_inputs is only used by other front ends)"
-        )
+    if frontend not in ("fx", "export"):
+        raise TraceError(f"frontend={frontend!r} is not a front end; use 'fx' (symbolic tracing) or 'export' (torch.export)")
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxtune.trace expects an nn.Module, got {type(model).__name__}")
+    if frontend == "export":
+        if tuple(leaf_modules) or concrete_args is not None:
+            raise TraceError("leaf_modules and concrete_args belong to frontend='fx'; torch.export traces every module")
+        return export_trace(model, example_inputs, example_kwargs)
+    if example_kwargs is not None:
+        raise TraceError("example_kwargs belongs to frontend='export'; symbolic tracing needs no example inputs")
     leaf_modules = tuple(leaf_modules)
     leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
     leaf_names = frozenset(x for x in leaf_modules if isinstance(x, str))
@@ -92,5 +99,7 @@ def _explain(model: nn.Module, tracer: _Tracer, exc: Exception) -> str:
         f"  {type(exc).__name__}: {exc}\n"
         f"Try: fxtune.trace(model, {leaf}) to keep that module opaque (its weights then are not "
         "call sites), or concrete_args={...} to fix the input that drives Python control flow, "
-        "or rewrite that line without data-dependent control flow."
+        "or rewrite that line without data-dependent control flow. Or trace with torch.export: "
+        "fxtune.trace(model, frontend='export', example_inputs=(...)) follows control flow on shapes "
+        "and settings (Hugging Face models need it)."
     )
