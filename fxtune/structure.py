@@ -18,12 +18,13 @@ own notes). Parameters a structural pass makes trainable are listed by qualified
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import fx, nn
 
-from .errors import FxtuneError
+from .errors import FxtuneError, FxtuneWarning
 from .ownership import clone_graph_module, replace_submodule
 from .selection import Selector, select_targets
 from .sites import Site, canonical_sites
@@ -75,13 +76,18 @@ class Restructure:
         """Chosen sites grouped by module path; a module called several times comes whole or not at all.
 
         Only modules whose weight the graph uses through calls of the module, of the site `kinds`
-        the pass can rebuild, can be replaced; choosing another site is a StructureError naming it.
+        the pass can rebuild, can be replaced; naming another site is a StructureError naming it.
+        With targets=None ("every site") such sites are left as they are, with a FxtuneWarning.
         """
         chosen = select_targets(self.gm, targets, exclude=exclude)
         refused = {t: _why_not(group, tuple(kinds)) for t, group in chosen.items()}
         refused = {t: why for t, why in refused.items() if why}
+        listing = "\n  ".join(f"'{t}': {why}" for t, why in refused.items())
+        if refused and targets is None and len(refused) < len(chosen):
+            warnings.warn(f"{self.name} leaves {len(refused)} site(s) it cannot replace as they are:\n  {listing}",
+                          FxtuneWarning, stacklevel=3)
+            return {t: group for t, group in chosen.items() if t not in refused}
         if refused:
-            listing = "\n  ".join(f"'{t}': {why}" for t, why in refused.items())
             raise StructureError(
                 f"{self.name} cannot replace these selected sites:\n  {listing}\nExclude them, e.g. "
                 f"exclude={sorted(refused)[:3]!r} (or exclude=nn.MultiheadAttention for attention projections)"

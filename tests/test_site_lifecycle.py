@@ -169,7 +169,13 @@ def test_batched_serves_embeddings_and_refuses_attention_and_values():
 
 def test_structural_pass_refuses_sites_it_cannot_replace():
     with pytest.raises(fxtune.StructureError, match="attn.q.*inside nn.MultiheadAttention"):
-        low_rank(fxtune.trace(_mixed()), rank=1)
+        low_rank(fxtune.trace(_mixed()), "attn.*", rank=1)
+    with pytest.warns(fxtune.FxtuneWarning, match=r"leaves \d+ site\(s\) it cannot replace(.|\n)*attn.q"):
+        every = low_rank(fxtune.trace(_mixed()), rank=1, force=True)
+    names = [s.name for s in fxtune.sites(every)]
+    assert {"attn.q", "attn.out_proj", "embed", "w", "c_fc.0", "c_fc.1"} <= set(names) and "c_fc" not in names
+    with pytest.raises(fxtune.StructureError, match="cannot replace"):
+        low_rank(fxtune.trace(_mixed()), exclude="c_fc", rank=1)
     with pytest.raises(fxtune.StructureError, match="embedding site"):
         low_rank(fxtune.trace(_mixed()), ["embed"], rank=1)
     factored = low_rank(fxtune.trace(_mixed()), "c_fc", rank=2)
