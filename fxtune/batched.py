@@ -10,8 +10,7 @@ runs every group with its own adapter. With LoRA `a` (activation form) and `b` (
     fc_base = torch._C._nn.linear(x, fc_weight, fc_bias)                 # whole batch, once
     fc_a_base_rows = fxtune_batched_take_rows(fc_base, batch_plan, (0, 1, 2, 0), 1, site = 'fc')
     fc_a_lora_down = torch._C._nn.linear(fc_a_rows, fc_a_lora_a, None)  # LoRA's own activation code
-    ...
-    fc_a_lora = fc_a_base_rows + fc_a_lora_up
+    fc_a_lora = fxtune_ops_add_feature_mix(fc_a_base_rows, fc_a_lora_down, fc_a_lora_b, 1.0)
     fc_b_rows = fxtune_batched_take_rows(x, batch_plan, (0, 1, 2, 0), 2, site = 'fc')
     fc_b_lora_weight = fxtune_passes_lora_lora_weight(fc_weight, lora_a = ..., lora_b = ..., scale = 1.0)
     fc_b_out = torch._C._nn.linear(fc_b_rows, fc_b_lora_weight, fc_bias)  # the kind's weight(w, ...)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .ops import add_channel_mix, add_feature_mix
 from .sites import META, Site
 from .weights import graph_canonical
 
@@ -103,6 +104,17 @@ class Emitter:
         if not self.site.is_conv:
             return self.call(F.linear, x, weight, role=role)
         return self.call(_CONV[self.site.kind], x, weight, None, 1, 0, 1, groups, role=role)
+
+    def pointwise_add(self, y: fx.Node, x: fx.Node, weight: Any, *, scale: float = 1.0, groups: int = 1, role: str) -> fx.Node:
+        """y + scale · pointwise(x, weight): one fused matmul-add when groups == 1, else a 1×1 conv,
+        a scale and an add (roles `<role>_up`, `<role>_scaled`)."""
+        if groups == 1:
+            fn = add_channel_mix if self.site.is_conv else add_feature_mix
+            return self.call(fn, y, x, weight, scale, role=role)
+        up = self.pointwise(x, weight, groups=groups, role=f"{role}_up")
+        if scale != 1.0:
+            up = self.mul(up, scale, role=f"{role}_scaled")
+        return self.add(y, up, role=role)
 
     def channel_view(self, vector: Any, *, role: str) -> fx.Node | Any:
         """Reshapes a per-channel vector so it broadcasts over the site's channel dimension."""

@@ -26,16 +26,13 @@ def lora_weight(w: torch.Tensor, *, lora_a: torch.Tensor, lora_b: torch.Tensor, 
 
 
 def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.Node:
-    """y + s · B(A(dropout(x))): A with the site's geometry, B as a 1×1 channel mix."""
+    """y + s · B(A(dropout(x))): A with the site's geometry, B as a 1×1 channel mix fused with the add."""
     h = em.module("dropout", x, role="lora_dropout") if inputs["dropout"] > 0 else x
     a, groups = inputs["lora_a"], em.site.groups
     if groups > 1:
         a = em.method("repeat", a, groups, *([1] * (len(em.site.weight_shape) - 1)), role="lora_a_grouped")
     down = em.site_call(h, a, groups=groups, role="lora_down")
-    up = em.pointwise(down, inputs["lora_b"], groups=groups, role="lora_up")
-    if inputs["scale"] != 1.0:
-        up = em.mul(up, inputs["scale"], role="lora_scaled")
-    return em.add(y, up, role="lora")
+    return em.pointwise_add(y, down, inputs["lora_b"], scale=inputs["scale"], groups=groups, role="lora")
 
 
 def _restore(site: fxtune.Site, weight: torch.Tensor, config: dict, tensors: dict) -> dict:
