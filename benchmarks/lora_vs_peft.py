@@ -16,13 +16,9 @@ import argparse
 import copy
 import datetime
 import gc
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import peft
@@ -35,23 +31,20 @@ from torch import nn
 import fxtune
 from fxtune.passes import fuse, lora
 
+import _common as common
+from _common import paired_ratio
+
 RANK = 8
 CHECK_TOL = 1e-5  # max relative difference for "the same computation" in float32
-BEGIN, END = "<!-- lora_vs_peft:begin -->", "<!-- lora_vs_peft:end -->"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = (
-    "# fxtune benchmark results\n\n"
-    "Each section below is written by the script named in it; re-run that script to refresh it.\n"
-)
-
 # Which call sites each model adapts, in both libraries, and why (printed with the results).
 SITE_NOTES = {
     "resnet50": "every nn.Conv2d and nn.Linear (53 convs + fc)",
     "vit_b_16": (
         "every nn.Linear called as a module: the 24 MLP linears (encoder_layer_*.mlp.0/3) and heads.head. "
         "Not adapted in either library: conv_proj, and the attention projections, which "
-        "nn.MultiheadAttention uses as bare weights (in_proj_weight, out_proj.weight), so PEFT's module "
-        "wrappers cannot reach them the way fxtune's call sites do"
+        "nn.MultiheadAttention uses as bare weights (in_proj_weight, out_proj.weight): fxtune has them as "
+        "sites (`*.self_attention.q/k/v/out_proj`, weight form), PEFT's module wrappers cannot reach them, "
+        "so both adapt the same 25 here"
     ),
 }
 
@@ -63,30 +56,12 @@ SITE_NOTES = {
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (robust to load with --threads 1)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each fn, `repeats` rounds, alternating the order (ABC CBA ABC ...)."""
-    for fn in fns.values():
-        fn()  # warm-up (allocator, oneDNN primitive caches)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for rep in range(repeats):
-        gc.collect()
-        for name in names if rep % 2 == 0 else reversed(names):
-            fn = fns[name]
-            start = CLOCK()
-            for _ in range(inner):
-                fn()
-            times[name].append((CLOCK() - start) / inner)
-    return times
-
-
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def paired_ratio(num: list[float], den: list[float]) -> float:
-    """Median over rounds of num/den measured in the same round."""
-    return statistics.median(a / b for a, b in zip(num, den))
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, list[float]]:
+    return common.interleaved(fns, repeats, inner, clock=CLOCK)
 
 
 def timed_once(setup: Callable[[], object], fn: Callable[[object], object]) -> float:
@@ -245,8 +220,16 @@ def bench_model(name: str, repeats: int, quick: bool, channels_last: bool = Fals
             opts[key].step()
         return run
 
-    train = interleaved({k: step(k) for k in nets}, repeats)
-    del full, opts
+    # the floor: no adapters, the traced model's backward down to the input, which any method with
+    # adapters in the first layer pays (no weight gradients, no optimizer)
+    floor_net = fxtune.trace(model).train()
+    x_grad = x.clone().requires_grad_(True)
+
+    def floor() -> None:
+        x_grad.grad = None
+        F.cross_entropy(floor_net(x_grad), labels).backward()
+
+    train = interleaved({**{k: step(k) for k in nets}, "floor": floor}, repeats)
     gm.eval()
     pm.eval()
 
@@ -318,22 +301,8 @@ def tables(results: list[dict]) -> tuple[str, str]:
     return ratio, once
 
 
-def checkout() -> str:
-    """The git commit measured, and whether fxtune/ or passes/ had uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "fxtune", "passes"], cwd=root, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
-    return head.stdout.strip() + (" with uncommitted changes in fxtune/ or passes/" if dirty.stdout.strip() else "")
-
-
 def machine() -> str:
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"{platform.platform()} ({platform.machine()}), Python {platform.python_version()}, "
-            f"os.cpu_count()={os.cpu_count()}, torch.get_num_threads()={torch.get_num_threads()}, "
-            f"load average (1/5/15 min) at the end: {load}")
+    return f"{common.machine()}, load average (1/5/15 min) at the end: {common.load()}"
 
 
 def report(results: list[dict], args: argparse.Namespace, load_start: str) -> str:
@@ -343,7 +312,7 @@ def report(results: list[dict], args: argparse.Namespace, load_start: str) -> st
         "",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- versions: torch {torch.__version__}, torchvision {torchvision.__version__}, peft {peft.__version__}, "
-        f"fxtune {fxtune.__version__} ({checkout()})",
+        f"fxtune {fxtune.__version__} ({common.checkout()})",
         f"- machine: {machine()}; load average at the start: {load_start}",
         f"- settings: CPU, float32, random weights, LoRA r={RANK}, alpha={RANK} (scale 1), no dropout; "
         f"{args.repeats} interleaved rounds per measurement, medians of {'process CPU' if args.clock == 'cpu' else 'wall-clock'} "
@@ -363,6 +332,12 @@ def report(results: list[dict], args: argparse.Namespace, load_start: str) -> st
             f"adapted vs base model {c['delta_vs_base']:.1e} (the adapters change the output)",
         ]
     for r in results:
+        lines.append(
+            f"- {r['model']} train-step floor: the traced model without adapters, backward to the input only "
+            f"(no weight gradient, no optimizer), takes {paired_ratio(r['train']['floor'], r['train']['base']):.3f}× "
+            "the full fine-tune step; an adapter method with adapters in the first layer cannot go below it"
+        )
+    for r in results:
         t = r["fused"]
         lines.append(
             f"- {r['model']} fused forward in context: the traced, unadapted GraphModule (`fxtune.trace(model)`, "
@@ -371,17 +346,6 @@ def report(results: list[dict], args: argparse.Namespace, load_start: str) -> st
         )
     lines += ["", ratio, "", once, ""]
     return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    """Replaces only what lies between this script's markers in RESULTS.md (appends if absent)."""
-    old = RESULTS.read_text() if RESULTS.exists() else HEADER
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old and old.index(BEGIN) < old.index(END):
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -404,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    load_start = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    load_start = common.load()
     results = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         print(f"[{name}] ...", file=sys.stderr, flush=True)
@@ -417,8 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(results, args, load_start)
     print(text)
     if not args.quick or args.write:
-        write_section(text)
-        print(f"wrote {RESULTS}", file=sys.stderr)
+        common.write_section("lora_vs_peft", text)
 
 
 if __name__ == "__main__":

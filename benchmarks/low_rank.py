@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import os
-import platform
 import statistics
 import time
 import warnings
@@ -27,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxtune
 from fxtune.passes import low_rank
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+from _common import load, machine, write_section
+
 BEGIN, END = "<!-- low_rank:begin -->", "<!-- low_rank:end -->"
 MODELS = {"resnet50": torchvision.models.resnet50, "vit_b_16": torchvision.models.vit_b_16}
 
@@ -61,28 +60,31 @@ def latencies(models: list[torch.nn.Module], x: torch.Tensor, repeats: int, warm
     return [statistics.median(t) for t in times]
 
 
-def linear_and_conv_weights(model: torch.nn.Module) -> int:
-    """Weights of Linear/Conv layers anywhere in the model, call sites or not (e.g. inside MHA)."""
-    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    return sum(1 for m in model.modules() if isinstance(m, kinds))
+# (label, round_to, channels_last): the pass's defaults, and the layout and ranks CPU kernels run fastest
+CONFIGS = {"plain": ("NCHW, exact ranks", 1, False), "tuned": ("channels_last, round_to=16", 16, True)}
 
 
-def run(name: str, rank: float, batch: int, repeats: int, warmup: int) -> dict:
+def run(name: str, rank: float, batch: int, repeats: int, warmup: int, config: str) -> dict:
+    label, round_to, channels_last = CONFIGS[config]
     torch.manual_seed(0)
     model = MODELS[name](weights=None).eval()
     traced = fxtune.trace(model)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", fxtune.FxtuneWarning)
-        factored = low_rank(traced, rank=rank).eval()
+        factored = low_rank(traced, rank=rank, round_to=round_to).eval()
     seconds = time.perf_counter() - start
     tags = [n.meta["fxtune_structure"] for n in factored.graph.nodes if n.meta.get("fxtune_structure", {}).get("index") == 0]
     x = torch.randn(batch, 3, 224, 224)
+    if channels_last:
+        traced, factored = traced.to(memory_format=torch.channels_last), factored.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
     base_lat, lr_lat = latencies([traced, factored], x, repeats, warmup)
     base_flops, lr_flops = flops(traced, x), flops(factored, x)
     return {
         "model": name,
-        "sites": f"{len(tags)}/{len(fxtune.sites(traced))} ({linear_and_conv_weights(model)} weights)",
+        "config": label,
+        "sites": f"{len(tags)}/{len(fxtune.sites(traced))}",
         "skipped": sum(1 for w in caught if issubclass(w.category, fxtune.FxtuneWarning)),
         "solvers": dict(collections.Counter(t["solver"] for t in tags)),
         "params": (parameters(traced), parameters(factored)),
@@ -98,33 +100,22 @@ def table(rows: list[dict]) -> str:
         (p0, p1), (f0, f1), (t0, t1) = r["params"], r["flops"], r["latency"]
         reduction, speedup = f0 / f1, t0 / t1
         out.append([
-            r["model"], r["sites"], f"{p0 / 1e6:.1f}M → {p1 / 1e6:.1f}M ({p1 / p0:.2f}×)",
+            r["model"], r["config"], r["sites"], f"{p0 / 1e6:.1f}M → {p1 / 1e6:.1f}M ({p1 / p0:.2f}×)",
             f"{f0 / 1e9:.1f} → {f1 / 1e9:.1f} ({reduction:.2f}× fewer)", f"{t0 * 1e3:.0f} → {t1 * 1e3:.0f}",
             f"{speedup:.2f}×", f"{'yes' if speedup >= 0.8 * reduction else 'no'} (needs ≥ {0.8 * reduction:.2f}×)",
             f"{r['factorize_s']:.1f}", ", ".join(f"{k}: {v}" for k, v in sorted(r["solvers"].items())),
         ])
-    headers = ["model", "sites factorized", "params", "GFLOPs", "latency ms", "speedup", "≥ 0.8 × FLOP reduction",
+    headers = ["model", "layout, ranks", "sites factorized", "params", "GFLOPs", "latency ms", "speedup", "≥ 0.8 × FLOP reduction",
                "factorize s", "solver"]
     return tabulate(out, headers=headers, tablefmt="github")
-
-
-def write_section(text: str) -> None:
-    """Replaces the text between this script's markers in RESULTS.md (other sections stay)."""
-    current = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        current = head + block + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + block + "\n"
-    with open(RESULTS, "w") as f:
-        f.write(current)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--rank", type=float, default=0.5)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="plain: NCHW and exact ranks; tuned: channels_last and ranks rounded to multiples of 16")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -133,23 +124,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [run(name, args.rank, args.batch, args.repeats, args.warmup) for name in args.models]
+    rows = [run(name, args.rank, args.batch, args.repeats, args.warmup, config) for name in args.models for config in args.configs]
     result = table(rows)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
     text = (
         f"## low_rank (rank={args.rank} of break-even, solver=auto)\n\n"
-        f"{datetime.date.today().isoformat()} · torch {torch.__version__} · torchvision {torchvision.__version__} · {machine}\n"
+        f"{datetime.date.today().isoformat()} · torch {torch.__version__} · torchvision {torchvision.__version__} · {machine()}, load {load()}\n"
         f"batch {args.batch} at 224×224, median of {args.repeats} forwards after {args.warmup} warm-up (interleaved), random weights."
         f"{' Few repeats: a sanity run, not final numbers.' if args.repeats < 10 else ''}\n\n"
         f"{result}\n\n"
-        "Sites are `nn.Linear`/`nn.Conv*` modules called in the graph; weights used inside a leaf module "
-        "(vit_b_16's `nn.MultiheadAttention` in/out projections) are not call sites and stay dense. "
+        "Factorized: every site that is a `nn.Linear`/`nn.Conv*` module called in the graph; vit_b_16's attention "
+        "projections are sites too, but live inside `nn.MultiheadAttention`, which `low_rank` cannot split into two "
+        "calls, so they stay dense (the pass says so in a warning). "
         "FLOPs are the whole forward's (torch.utils.flop_counter). The target is speedup ≥ 0.8 × FLOP reduction.\n"
     )
     print(text)
     if not args.no_write:
-        write_section(text)
-        print(f"wrote the low_rank section of {RESULTS}")
+        write_section("low_rank", text)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import gc
-import os
-import platform
 import statistics
 import sys
-import time
-from pathlib import Path
-from typing import Callable
 
 import peft
 import torch
@@ -28,11 +22,10 @@ from torch import nn
 import fxtune
 from fxtune.passes import lora
 
+from _common import interleaved, load, machine, paired_ratio, write_section
+
 ADAPTERS = {"task1": 4, "task2": 8, "task3": 16}  # name -> r; alpha = 2r (scale 2)
 BATCH = 16
-BEGIN, END = "<!-- mixed_batches:begin -->", "<!-- mixed_batches:end -->"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = "# fxtune benchmark results\n\nEach section below is written by the script named in it; re-run that script to refresh it.\n"
 
 
 class Block(nn.Module):
@@ -107,24 +100,6 @@ def make_fxtune(model: nn.Module, names: list[str], pm: nn.Module) -> torch.fx.G
     return gm
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, `repeats` rounds, alternating the order (ABC CBA ABC ...)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for rep in range(repeats):
-        gc.collect()
-        for name in list(fns) if rep % 2 == 0 else reversed(list(fns)):
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def paired_ratio(num: list[float], den: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(num, den))
-
-
 def bench_model(name: str, repeats: int, quick: bool) -> dict:
     model, x, shape = build(name, quick)
     names = site_names(model)
@@ -153,15 +128,6 @@ def bench_model(name: str, repeats: int, quick: bool) -> dict:
         times = interleaved(fns, repeats)
     return {"model": name, "shape": shape, "sites": len(names), "check": check, "check_generic": check_generic,
             "moved": moved, "times": times}
-
-
-def machine() -> str:
-    return (f"{platform.platform()} ({platform.machine()}), Python {platform.python_version()}, "
-            f"os.cpu_count()={os.cpu_count()}, torch.get_num_threads()={torch.get_num_threads()}")
-
-
-def load() -> str:
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def report(results: list[dict], args: argparse.Namespace, load_start: str) -> str:
@@ -195,17 +161,6 @@ def report(results: list[dict], args: argparse.Namespace, load_start: str) -> st
     return "\n".join(lines + ["", table, ""])
 
 
-def write_section(text: str) -> None:
-    """Replaces only what lies between this script's markers in RESULTS.md (appends if absent)."""
-    old = RESULTS.read_text() if RESULTS.exists() else HEADER
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old and old.index(BEGIN) < old.index(END):
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 9; 3 with --quick)")
@@ -225,8 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(results, args, load_start)
     print(text)
     if not args.quick or args.write:
-        write_section(text)
-        print(f"wrote {RESULTS}", file=sys.stderr)
+        write_section("mixed_batches", text)
 
 
 if __name__ == "__main__":

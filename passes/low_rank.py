@@ -96,9 +96,11 @@ def _layers(site: fxtune.Site, a: torch.Tensor, b: torch.Tensor) -> list[nn.Modu
     return [first, second]
 
 
-def _rank(rank: int | float, site: fxtune.Site) -> int:
-    """The rank per group: an int as given, a float as that fraction of break-even (at least 1); at most full rank."""
+def _rank(rank: int | float, site: fxtune.Site, round_to: int = 1) -> int:
+    """The rank per group: an int as given, a float as that fraction of break-even (at least 1), rounded to
+    the nearest multiple of `round_to` (at least one multiple); at most full rank."""
     r = rank if isinstance(rank, int) else max(1, math.floor(rank * break_even_rank(site)))
+    r = max(round_to, round_to * math.floor(r / round_to + 0.5))
     return min(r, *matrix_shape(site))
 
 
@@ -109,24 +111,28 @@ def low_rank(
     rank: int | float = 0.5,
     solver: str = "auto",
     force: bool = False,
+    round_to: int = 1,
     exclude: fxtune.selection.Selector = None,
 ) -> fx.GraphModule:
     """Factorizes every selected Linear/conv into two layers; returns a new GraphModule (input untouched).
 
-    rank: int (per group), or a float fraction of the break-even rank; capped at full rank. Sites
+    rank: int (per group), or a float fraction of the break-even rank; rounded to a multiple of
+    `round_to` (CPU/GPU kernels run channel counts like 16 much faster than 27); capped at full rank. Sites
     whose factors would not hold fewer weights are skipped with a FxtuneWarning (force=True
     factorizes them anyway); if all are skipped, StructureError. solver: "exact" (float64 SVD),
     "randomized" (torch.svd_lowrank) or "auto" (randomized when `randomized_pays` and `near_optimal`).
     """
     if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not rank > 0 or not math.isfinite(rank):
         raise StructureError(f"rank must be a positive int (per group) or a positive float (fraction of break-even), got {rank!r}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise StructureError(f"round_to must be a positive int, got {round_to!r}")
     if solver not in ("auto", "exact", "randomized"):
         raise StructureError(f"solver must be 'auto', 'exact' or 'randomized', got {solver!r}")
     rs = fxtune.Restructure(gm, name="low_rank")
     skipped = []
     for target, found in rs.select(targets, exclude=exclude).items():
         site, (m, n), groups = found[0], matrix_shape(found[0]), found[0].groups
-        r = _rank(rank, site)
+        r = _rank(rank, site, round_to)
         if r * (m + n) >= m * n and not force:
             skipped.append(
                 f"'{target}': rank {r} × {groups} group(s) needs {groups * r * (m + n):,} weights, not fewer than "

@@ -167,6 +167,23 @@ def test_float_rank_is_a_fraction_of_break_even():
     assert gm.get_submodule("2.0").out_channels == 2 * math.floor(0.5 * even_conv)
 
 
+def test_round_to_gives_the_nearest_multiple_within_full_rank():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(300, 200), nn.Unflatten(1, (8, 5, 5)), nn.Conv2d(8, 32, 3, groups=2))
+    with pytest.warns(fxtune.FxtuneWarning, match="'2': rank 16 × 2 group"):  # 16 = full rank saves nothing
+        gm = low_rank(fxtune.trace(model), rank=0.5, round_to=16)
+    assert gm.get_submodule("0.0").out_features == 64  # floor(0.5 · 120) = 60 → 64
+    assert isinstance(gm.get_submodule("2"), nn.Conv2d)
+    gm = low_rank(fxtune.trace(model), rank=0.5, round_to=4)
+    assert gm.get_submodule("2.0").out_channels == 2 * 4  # floor(0.5 · 11.08) = 5 → 4 per group
+    assert gm.get_submodule("0.0").out_features == 60
+    assert low_rank(fxtune.trace(model), "0", rank=20, round_to=16).get_submodule("0.0").out_features == 16
+    assert low_rank(fxtune.trace(model), "0", rank=0.5, round_to=512, force=True).get_submodule("0.0").out_features == 200
+    for bad in (0, 2.0, True):
+        with pytest.raises(StructureError, match="round_to"):
+            low_rank(fxtune.trace(model), rank=0.5, round_to=bad)
+
+
 def test_depthwise_is_skipped_and_reported_unless_forced():
     torch.manual_seed(4)
     model = Net().eval()
