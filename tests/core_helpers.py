@@ -206,3 +206,28 @@ def frozen(model: nn.Module) -> nn.Module:
     differ in the last bits), so bit-exact comparisons use a frozen copy of the model.
     """
     return copy.deepcopy(model).requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- untraceable models
+
+
+class Gate(nn.Module):
+    """Python control flow on data: symbolic tracing cannot follow it, nor can torch.export."""
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent branch
+            return x * 2
+        return x - 1
+
+
+class Outer(nn.Module):
+    """fc → (Linear, Gate) → head: the Gate at `block.1` stops both front ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.block = nn.Sequential(nn.Linear(4, 4), Gate())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(self.fc(x)))

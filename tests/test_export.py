@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fxtune
-from core_helpers import assert_unchanged, lora_slots, randomize_lora, rel_err, snapshot, vision_model
+from core_helpers import Gate, Outer, assert_unchanged, lora_slots, randomize_lora, rel_err, snapshot, vision_model
 from fxtune.ownership import same_storage
 from fxtune.passes import fuse, lora
 
@@ -336,23 +336,6 @@ def test_training_mode_statistics_update_the_copy_only():
 # ----------------------------------------------------------------------------- errors
 
 
-class Gate(nn.Module):
-    def forward(self, x):
-        if x.sum() > 0:  # a branch on tensor values
-            return x * 2
-        return x - 1
-
-
-class Outer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.block = nn.Sequential(nn.Linear(4, 4), Gate())
-
-    def forward(self, x):
-        return self.block(self.fc(x))
-
-
 def test_export_without_example_inputs_says_to_pass_them():
     model = Outer()
     snap = snapshot(model)
@@ -367,7 +350,7 @@ def test_data_dependent_control_flow_names_module_and_line():
     with pytest.raises(fxtune.TraceError) as info:
         fxtune.trace(model, frontend="export", example_inputs=(torch.randn(2, 4),))
     message = str(info.value)
-    assert "block.1" in message and "Gate" in message and "test_export.py" in message
+    assert "block.1" in message and "Gate" in message and "core_helpers.py" in message
     assert "torch.where" in message and "use_cache=False" in message
     assert_unchanged(model, snap)
 

@@ -8,28 +8,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import fxtune
-from core_helpers import assert_unchanged, frozen, small_net, snapshot, vision_model
+from core_helpers import Gate, Outer, assert_unchanged, frozen, small_net, snapshot, vision_model
 from fxtune.ownership import same_storage
-
-
-class Gate(nn.Module):
-    """Python control flow on data: symbolic tracing cannot follow it."""
-
-    def forward(self, x):
-        if x.sum() > 0:  # data-dependent branch
-            return x * 2
-        return x - 1
-
-
-class Outer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.block = nn.Sequential(nn.Linear(4, 4), Gate())
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(self.block(self.fc(x)))
 
 
 class Flagged(nn.Module):
@@ -99,7 +79,7 @@ def test_untraceable_model_names_module_and_line():
     assert "block.1" in message  # the failing module's path
     assert "Gate" in message
     assert "if x.sum() > 0:" in message  # the source line
-    assert "test_trace.py" in message
+    assert "core_helpers.py" in message
     assert "leaf_modules" in message and "concrete_args" in message
     assert_unchanged(model, snap)
 
