@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxtune
 from fxtune.passes import low_rank
 
-from _common import load, machine, write_section
+from _common import interleaved, load, machine, write_section
 
 BEGIN, END = "<!-- low_rank:begin -->", "<!-- low_rank:end -->"
 MODELS = {"resnet50": torchvision.models.resnet50, "vit_b_16": torchvision.models.vit_b_16}
@@ -49,15 +49,12 @@ def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def latencies(models: list[torch.nn.Module], x: torch.Tensor, repeats: int, warmup: int) -> list[float]:
     """Median seconds per forward of each model, timed in alternation so load affects all alike."""
-    times = [[] for _ in models]
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            for model, record in zip(models, times):
-                start = time.perf_counter()
+        for _ in range(max(0, warmup - 1)):  # interleaved() warms up once itself
+            for model in models:
                 model(x)
-                if i >= warmup:
-                    record.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+        times = interleaved({str(i): (lambda m=m: m(x)) for i, m in enumerate(models)}, repeats)
+    return [statistics.median(t) for t in times.values()]
 
 
 # (label, round_to, channels_last): the pass's defaults, and the layout and ranks CPU kernels run fastest

@@ -17,8 +17,6 @@ from torch.func import functional_call
 import fxtune
 
 
-
-
 class Net(nn.Module):
     """Linear, Conv1d, Conv2d, grouped Conv2d, depthwise Conv2d and Conv3d in one small model."""
 
@@ -110,6 +108,17 @@ def randomize(gm: nn.Module, fn, seed: int = 0) -> None:
         for name, p in gm.named_parameters():
             if name.startswith("fxtune."):
                 p.copy_(fn(name, p, g))
+
+
+def assert_only_adapters_got_gradients(gm: nn.Module, model: nn.Module) -> None:
+    """After a backward through gm: every adapter parameter has a non-zero gradient, nothing else
+    of gm requires or got one, and the user's model got none."""
+    for name, p in gm.named_parameters():
+        if name.startswith("fxtune."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
+    assert all(p.grad is None for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- the math, fp64
