@@ -14,10 +14,16 @@ from torch import Tensor
 
 
 def add_channel_mix(y: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tensor:
-    """y + scale · conv(h, weight) for a 1×1 `weight` (out, r, 1, ...): a channel mix added in one baddbmm."""
+    """y + scale · conv(h, weight) for a 1×1 `weight` (out, r, 1, ...): a channel mix added in one
+    matmul-add, over whichever layout `y` and `h` share (channels-first or channels-last)."""
     if h.dim() < weight.dim():  # an unbatched conv input (C, *spatial)
         return add_channel_mix(y.unsqueeze(0), h.unsqueeze(0), weight, scale).squeeze(0)
-    n, out, r = y.shape[0], weight.shape[0], weight.shape[1]
+    out, r = weight.shape[0], weight.shape[1]
+    y_last, h_last = y.movedim(1, -1), h.movedim(1, -1)
+    if y.dim() > 2 and y_last.is_contiguous() and h_last.is_contiguous() and not y.is_contiguous():
+        mixed = torch.addmm(y_last.reshape(-1, out), h_last.reshape(-1, r), weight.reshape(out, r).t(), alpha=scale)
+        return mixed.view(y_last.shape).movedim(-1, 1)
+    n = y.shape[0]
     mix = weight.reshape(1, out, r).expand(n, out, r)
     positions = math.prod(y.shape[2:])  # explicit: an empty batch has no -1 to infer
     return torch.baddbmm(y.reshape(n, out, positions), mix, h.reshape(n, r, positions), alpha=scale).view(y.shape)
