@@ -19,7 +19,7 @@ own notes). Parameters a structural pass makes trainable are listed by qualified
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import fx, nn
@@ -71,15 +71,27 @@ class Restructure:
         self._sites: dict[str, Site] | None = None
 
     def select(
-        self, targets: Selector = None, *, exclude: Selector = None, kinds: Iterable[str] = ("linear", "conv1d", "conv2d", "conv3d")
+        self,
+        targets: Selector = None,
+        *,
+        exclude: Selector = None,
+        kinds: Iterable[str] = ("linear", "conv1d", "conv2d", "conv3d"),
+        where: Callable[[list[Site]], bool] | None = None,
     ) -> dict[str, list[Site]]:
         """Chosen sites grouped by module path; a module called several times comes whole or not at all.
+
+        `where(group)` narrows the candidates (e.g. "followed by a BatchNorm"): groups it rejects
+        are left out silently. A chosen site carrying adapters is a StructureError either way.
 
         Only modules whose weight the graph uses through calls of the module, of the site `kinds`
         the pass can rebuild, can be replaced; naming another site is a StructureError naming it.
         With targets=None ("every site") such sites are left as they are, with a FxtuneWarning.
         """
         chosen = select_targets(self.gm, targets, exclude=exclude)
+        for target in chosen:
+            self._check_adapters(target)
+        if where is not None:
+            chosen = {t: group for t, group in chosen.items() if where(group)}
         refused = {t: _why_not(group, tuple(kinds)) for t, group in chosen.items()}
         refused = {t: why for t, why in refused.items() if why}
         listing = "\n  ".join(f"'{t}': {why}" for t, why in refused.items())
@@ -118,12 +130,7 @@ class Restructure:
         if not modules:
             raise StructureError(f"replacing '{target}' needs at least one module, got none")
         sequence = nn.Sequential(*modules)
-        trainable = set(trainable)
-        unknown = trainable - {name for name, _ in sequence.named_parameters()}
-        if unknown:
-            raise StructureError(f"replacing '{target}': trainable names {sorted(unknown)} are not parameters of the new modules")
-        for name, param in sequence.named_parameters():
-            param.requires_grad_(name in trainable)
+        self._freeze_except(target, sequence, trainable)
         graph = self.gm.graph
         created = []
         for node in [n for n in graph.nodes if n.op == "call_module" and n.target == target]:
@@ -137,19 +144,57 @@ class Restructure:
             node.target, node.args, node.kwargs = f"{target}.{len(modules) - 1}", args, kwargs
             node.meta[STRUCTURE_META] = {"pass": self.name, "site": target, "index": len(modules) - 1, **(meta or {})}
             created.append(node)
-        replace_submodule(self.gm, target, sequence)
+        self._install(target, sequence, trainable)
+        return created
+
+    def swap(self, target: str, module: nn.Module, *, trainable: Iterable[str] = (), meta: dict[str, Any] | None = None) -> list[fx.Node]:
+        """Puts `module` at `target` in place of the site's module; every call keeps its inputs and its name.
+
+        `module` must take the same inputs (e.g. the same conv with a new weight and bias).
+        `trainable` names its parameters as in `replace`; returns the call nodes.
+        """
+        self._check(target)
+        self._freeze_except(target, module, trainable)
+        calls = [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target]
+        for node in calls:
+            node.meta[STRUCTURE_META] = {"pass": self.name, "site": target, "index": 0, **(meta or {})}
+        self._install(target, module, trainable)
+        return calls
+
+    def bypass(self, node: fx.Node) -> None:
+        """Erases `node`, whose users read its first input instead (e.g. a BatchNorm folded into the
+        layer before it); a module nothing calls any more leaves the tree."""
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            raise StructureError(f"cannot bypass '{node.name}': its first input is not a graph value")
+        node.replace_all_uses_with(node.args[0])
+        self.gm.graph.erase_node(node)
+        if node.op == "call_module" and not any(n.op == "call_module" and n.target == node.target for n in self.gm.graph.nodes):
+            parent, _, name = node.target.rpartition(".")
+            del (self.gm.get_submodule(parent) if parent else self.gm)._modules[name]
+
+    def _freeze_except(self, target: str, module: nn.Module, trainable: Iterable[str]) -> None:
+        unknown = set(trainable) - {name for name, _ in module.named_parameters()}
+        if unknown:
+            raise StructureError(f"replacing '{target}': trainable names {sorted(unknown)} are not parameters of the new modules")
+        for name, param in module.named_parameters():
+            param.requires_grad_(name in set(trainable))
+
+    def _install(self, target: str, module: nn.Module, trainable: Iterable[str]) -> None:
+        replace_submodule(self.gm, target, module)
         kept = [n for n in trainable_names(self.gm) if n != target and not n.startswith(target + ".")]
         self.gm.meta[TRAINABLE_META] = tuple(kept + sorted(f"{target}.{n}" for n in trainable))
         self.replaced.append(target)
-        return created
 
-    def _check(self, target: str) -> None:
-        """Refuses modules whose meaning other parts of the graph depend on."""
+    def _check_adapters(self, target: str) -> None:
         if slots_on(self.gm, target, active_only=False):
             raise StructureError(
                 f"'{target}' carries adapters {[s.adapter for s in slots_on(self.gm, target, active_only=False)]}; "
-                "a structural pass would orphan them. Run fuse(gm) first, or exclude this site"
+                f"{self.name} would orphan them. Run fuse(gm) first, or exclude this site"
             )
+
+    def _check(self, target: str) -> None:
+        """Refuses modules whose meaning other parts of the graph depend on."""
+        self._check_adapters(target)
         nodes = self.gm.graph.nodes
         if not any(n.op == "call_module" and n.target == target for n in nodes):
             raise StructureError(f"'{target}' is not called as a module in the graph, so its calls cannot be replaced")
