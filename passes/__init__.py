@@ -1,6 +1,7 @@
 """fxtune's passes: each module is one technique, a function GraphModule -> GraphModule."""
 
 from .dora import dora
+from .fold_bn import fold_bn
 from .fuse import fuse
 from .ia3 import ia3
 from .lora import lora
@@ -11,4 +12,4 @@ from .sp_lora import sp_lora
 from .sp_para import sp_para
 from .svdiff import svdiff
 
-__all__ = ["dora", "fuse", "ia3", "lora", "low_rank", "slice_delta", "sp_lopa", "sp_lora", "sp_para", "svdiff"]
+__all__ = ["dora", "fold_bn", "fuse", "ia3", "lora", "low_rank", "slice_delta", "sp_lopa", "sp_lora", "sp_para", "svdiff"]

@@ -18,6 +18,8 @@ import fxtune
 from fxtune import FxtuneError, FxtuneWarning, StructureError
 from fxtune.passes import fuse, lora, low_rank
 
+from core_helpers import assert_unchanged, snapshot
+
 low_rank_module = __import__("fxtune.passes.low_rank", fromlist=["TOLERANCE"])
 
 
@@ -51,17 +53,6 @@ def with_weight64(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     ref = copy.deepcopy(module).double()
     ref.weight = nn.Parameter(weight.double())
     return ref
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
-    assert state.keys() == snap.keys()
-    for key, value in snap.items():
-        assert torch.equal(state[key], value), key
 
 
 class Wrap(nn.Module):
@@ -227,7 +218,7 @@ def test_training_updates_only_the_factors_and_never_the_user_model():
     factors = {"conv.0.weight", "conv.1.weight", "fc.0.weight", "fc.1.weight"}
     named = dict(gm.named_parameters())
     assert {id(p) for p in fxtune.trainable_parameters(gm)} == {id(named[k]) for k in factors}
-    start = snapshot(gm)
+    start = {k: v.detach().clone() for k, v in gm.state_dict().items()}
     opt = torch.optim.AdamW(fxtune.trainable_parameters(gm), lr=1e-2)
     for _ in range(3):
         opt.zero_grad()
@@ -236,7 +227,7 @@ def test_training_updates_only_the_factors_and_never_the_user_model():
     after = gm.state_dict()
     for key, value in start.items():
         assert torch.equal(after[key], value) == (key not in factors), key
-    assert_same(model, before)
+    assert_unchanged(model, before)
     assert traced.code == traced_code and type(traced.conv) is nn.Conv2d
 
 
@@ -264,7 +255,7 @@ def test_lora_on_factors_then_fuse_matches_float64():
     ref = F.linear(torch.relu(F.linear(F.linear(h, w[0]), w[1], model.fc.bias.double())), model.head.weight.double(), model.head.bias.double())
     assert rel(fused(x), ref) < 1e-5
     assert rel(adapted(x), ref) < 1e-5
-    assert_same(model, before)
+    assert_unchanged(model, before)
 
 
 def test_fuse_keeps_the_two_layer_structure():
@@ -400,4 +391,4 @@ def test_resnet18_every_site_at_half_break_even_and_full_rank():
     gm(x)
     full = low_rank(traced, rank=10**6, force=True)
     assert rel(full(x), model(x)) < 1e-4
-    assert_same(model, before)
+    assert_unchanged(model, before)
