@@ -10,7 +10,7 @@ from .batched import batched
 from .coverage import Coverage, coverage
 from .edit import Rewrite
 from .emit import Emitter
-from .errors import AdapterError, FusionError, FxtuneError, FxtuneWarning, SelectionError, TraceError
+from .errors import AdapterError, FusionError, FxtuneError, FxtuneWarning, SelectionError, TraceError, warn
 from .folding import fold
 from .inspection import diff, summary, trainable_parameters
 from .kinds import AdapterKind, get_kind, register_kind
@@ -69,5 +69,6 @@ __all__ = [
     "summary",
     "trace",
     "trainable_parameters",
+    "warn",
     "weight_mask",
 ]

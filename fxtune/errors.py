@@ -1,5 +1,8 @@
 """fxtune's own exception types: every message names the site or module and says what to do."""
 
+import sys
+import warnings
+
 
 class FxtuneError(Exception):
     """Base class of every error fxtune raises on purpose."""
@@ -23,3 +26,12 @@ class FusionError(FxtuneError):
 
 class FxtuneWarning(UserWarning):
     """Something works but is probably not what was meant (e.g. an adapter larger than its layer)."""
+
+
+def warn(message: str, category: type[Warning] = FxtuneWarning) -> None:
+    """Issues a warning attributed to the first caller outside fxtune (the user's line, even when a
+    pass runs inside a Pipeline or Strategy), not to the pass that noticed."""
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "fxtune":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

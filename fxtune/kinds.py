@@ -63,8 +63,19 @@ class AdapterKind:
 _REGISTRY: dict[str, AdapterKind] = {}
 
 
-def register_kind(kind: AdapterKind) -> AdapterKind:
-    """Makes a kind known to fusion, summary and emission; re-registering a name replaces it."""
+def _origin(kind: AdapterKind) -> str:
+    return f"{kind.weight.__module__}.{kind.weight.__qualname__}"
+
+
+def register_kind(kind: AdapterKind, *, replace: bool = False) -> AdapterKind:
+    """Makes a kind known to fusion, summary and emission. A name taken by a kind defined elsewhere
+    is an AdapterError unless replace=True (re-running the defining module re-registers freely)."""
+    old = _REGISTRY.get(kind.name)
+    if old is not None and not replace and _origin(old) != _origin(kind):
+        raise AdapterError(
+            f"adapter kind '{kind.name}' is already registered (weight transform {_origin(old)}); "
+            "choose another name, or pass replace=True to replace it"
+        )
     for fn in (kind.weight, kind.bias):
         if fn is not None and "<locals>" in getattr(fn, "__qualname__", ""):
             raise AdapterError(

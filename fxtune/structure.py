@@ -18,13 +18,12 @@ own notes). Parameters a structural pass makes trainable are listed by qualified
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import fx, nn
 
-from .errors import FxtuneError, FxtuneWarning
+from .errors import FxtuneError, warn
 from .ownership import clone_graph_module, replace_submodule
 from .selection import Selector, select_targets
 from .sites import Site, canonical_sites
@@ -96,8 +95,7 @@ class Restructure:
         refused = {t: why for t, why in refused.items() if why}
         listing = "\n  ".join(f"'{t}': {why}" for t, why in refused.items())
         if refused and targets is None and len(refused) < len(chosen):
-            warnings.warn(f"{self.name} leaves {len(refused)} site(s) it cannot replace as they are:\n  {listing}",
-                          FxtuneWarning, stacklevel=3)
+            warn(f"{self.name} leaves {len(refused)} site(s) it cannot replace as they are:\n  {listing}")
             return {t: group for t, group in chosen.items() if t not in refused}
         if refused:
             raise StructureError(

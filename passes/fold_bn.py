@@ -9,13 +9,12 @@ The BatchNorm modules leave the tree; the folded weights are new tensors (the in
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import fx, nn
 
 import fxtune
-from fxtune import FxtuneWarning, StructureError
+from fxtune import StructureError
 
 CONVS = ("conv1d", "conv2d", "conv3d")
 
@@ -101,5 +100,5 @@ def fold_bn(
             + (f":\n  {listing}" if skipped else f"; selected: {sorted(chosen) or 'none followed by a BatchNorm'}")
         )
     if skipped:
-        warnings.warn(f"fold_bn left {len(skipped)} BatchNorm(s) unfolded:\n  {listing}", FxtuneWarning, stacklevel=2)
+        fxtune.warn(f"fold_bn left {len(skipped)} BatchNorm(s) unfolded:\n  {listing}")
     return rs.finish()

@@ -10,14 +10,13 @@ gets (B@A)ᵀ, PEFT's lora_embedding_A/B; the activation form looks x up in Aᵀ
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable
 
 import torch
 from torch import fx, nn
 
 import fxtune
-from fxtune import AdapterError, AdapterKind, FxtuneWarning
+from fxtune import AdapterError, AdapterKind
 
 
 def lora_weight(w: torch.Tensor, *, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -158,11 +157,9 @@ def lora(
         weight = rw.weight(target)
         a, b, residual = _factors(site, weight, r, init, scale)
         if a.numel() + b.numel() > site.weight_numel:
-            warnings.warn(
+            fxtune.warn(
                 f"LoRA r={r} on '{target}' has {a.numel() + b.numel():,} parameters, more than the "
-                f"{site.weight_numel:,} of the weight it adapts; lower r or exclude this site",
-                FxtuneWarning,
-                stacklevel=2,
+                f"{site.weight_numel:,} of the weight it adapts; lower r or exclude this site"
             )
         if residual is not None:
             rw.replace_base_weight(target, residual)

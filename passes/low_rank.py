@@ -12,13 +12,12 @@ The factor weights are trainable (listed for `fxtune.trainable_parameters`); all
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import fx, nn
 
 import fxtune
-from fxtune import FxtuneWarning, StructureError
+from fxtune import StructureError
 
 OVERSAMPLE = 10  # randomized solver: directions sampled beyond the rank
 POWER_ITERATIONS = 4  # randomized solver: power iterations (sharpen a slowly decaying spectrum)
@@ -145,5 +144,5 @@ def low_rank(
         listing = "\n  ".join(skipped)
         if not rs.replaced:
             raise StructureError(f"low_rank(rank={rank!r}) would save parameters at no selected site:\n  {listing}\nLower rank, select other sites, or pass force=True")
-        warnings.warn(f"low_rank skipped {len(skipped)} site(s) where factorizing saves no parameters (force=True factorizes them):\n  {listing}", FxtuneWarning, stacklevel=2)
+        fxtune.warn(f"low_rank skipped {len(skipped)} site(s) where factorizing saves no parameters (force=True factorizes them):\n  {listing}", )
     return rs.finish()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from torch import nn
 
 import fxtune
 from core_helpers import MLP, assert_unchanged, randomize_lora, snapshot
@@ -151,6 +154,20 @@ def test_register_kind_refuses_local_function():
         fxtune.get_kind("test_errors_local")
 
 
+def test_register_kind_refuses_a_taken_name_unless_replace():
+    original = fxtune.get_kind("lora")
+    with pytest.raises(fxtune.AdapterError, match=r"'lora' is already registered.*replace=True"):
+        fxtune.register_kind(fxtune.AdapterKind("lora", weight=out_scale_weight))
+    assert fxtune.get_kind("lora") is original
+    fxtune.register_kind(fxtune.AdapterKind("test_errors_outscale", weight=out_scale_weight))  # same definition again: fine
+    try:
+        fxtune.register_kind(fxtune.AdapterKind("lora", weight=out_scale_weight), replace=True)
+        assert fxtune.get_kind("lora").weight is out_scale_weight
+    finally:
+        fxtune.register_kind(original, replace=True)
+    assert fxtune.get_kind("lora") is original
+
+
 def test_fuse_unknown_adapter(setup):
     err = _raises(setup, fxtune.FusionError, lambda gm: fuse(gm, adapters=["nope"]), match="nope")
     assert "default" in str(err)  # lists what exists
@@ -210,3 +227,16 @@ def test_oversized_adapter_warns(setup):
     _, gm, _, _ = setup
     with pytest.warns(fxtune.FxtuneWarning, match="fc2"):
         lora(gm, ["fc2"], r=16)
+
+
+def test_warnings_point_at_the_users_line_through_pipelines_and_strategies():
+    gm = fxtune.trace(nn.Sequential(nn.Linear(4, 2)))
+    runs = {
+        "direct": lambda: lora(gm, r=8),
+        "pipeline": lambda: fxtune.Pipeline([functools.partial(lora, r=8)]).run(gm),
+        "strategy": lambda: fxtune.Strategy([("*", functools.partial(lora, r=8))]).apply(gm),
+    }
+    for how, run in runs.items():
+        with pytest.warns(fxtune.FxtuneWarning, match="more than the 8 of the weight") as caught:
+            run()
+        assert [w.filename for w in caught] == [__file__], how
