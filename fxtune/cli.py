@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import inspect
 import sys
 from typing import Any
 
@@ -52,6 +53,11 @@ def parse_pass(spec: str) -> functools.partial:
         if not eq:
             raise FxtuneError(f"pass option {item!r} in {spec!r} should be key=value")
         kwargs[key.strip()] = _value(value.strip())
+    try:
+        inspect.signature(fn).bind_partial(None, **kwargs)
+    except TypeError:
+        options = [p.name for p in list(inspect.signature(fn).parameters.values())[1:] if p.kind is p.KEYWORD_ONLY or p.name == "targets"]
+        raise FxtuneError(f"pass {name!r} has no option among {sorted(kwargs)}; its options: {', '.join(options)}") from None
     return functools.partial(fn, **kwargs)
 
 

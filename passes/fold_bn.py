@@ -95,10 +95,15 @@ def fold_bn(
         rs.bypass(bn)
     listing = "\n  ".join(skipped)
     if not rs.replaced:
-        raise StructureError(
-            "fold_bn found no selected conv site followed by a foldable BatchNorm"
-            + (f":\n  {listing}" if skipped else f"; selected: {sorted(chosen) or 'none followed by a BatchNorm'}")
-        )
+        if skipped:
+            detail = f":\n  {listing}"
+        elif not any(n.op == "call_module" and isinstance(rs.gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
+                     for n in rs.gm.graph.nodes):
+            detail = ("; the graph calls no BatchNorm module (fold_bn folds nn.BatchNorm* module calls, as "
+                      "frontend='fx' traces them; torch.export graphs call batch-norm functions instead)")
+        else:
+            detail = "; no selected conv site's output goes straight into a BatchNorm"
+        raise StructureError("fold_bn found no selected conv site followed by a foldable BatchNorm" + detail)
     if skipped:
         fxtune.warn(f"fold_bn left {len(skipped)} BatchNorm(s) unfolded:\n  {listing}")
     return rs.finish()

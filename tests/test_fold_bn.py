@@ -138,7 +138,10 @@ def test_partial_folding_warns_and_keeps_the_rest_exact():
 
 def test_sites_without_a_batchnorm_are_no_candidates():
     gm = fxtune.trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())).eval()
-    with pytest.raises(StructureError, match="no selected conv site followed by a foldable BatchNorm"):
+    with pytest.raises(StructureError, match="followed by a foldable BatchNorm; the graph calls no BatchNorm module"):
+        fold_bn(gm)
+    gm = fxtune.trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4))).eval()
+    with pytest.raises(StructureError, match="no selected conv site's output goes straight into a BatchNorm"):
         fold_bn(gm)
 
 
