@@ -252,3 +252,22 @@ def test_tied_weights_select_together_or_not_at_all():
     assert {s.name: s.target for s in fxtune.sites(gm, ["embed", "head"])} == {"embed": "embed", "head": "embed"}
     adapted = lora(gm, ["embed", "head"], r=2)
     assert set(slots(adapted)) == {"embed"}
+
+
+def test_low_rank_on_transformers_conv1d_matches_its_truncated_svd():
+    torch.manual_seed(0)
+    model = GPTish()
+    x = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1))
+    factored = low_rank(fxtune.trace(model), "c_attn", rank=3)
+    first, second = factored.c_attn[0], factored.c_attn[1]
+    assert isinstance(first, nn.Linear) and (first.in_features, first.out_features, second.out_features) == (6, 3, 12)
+    u, s, vh = torch.linalg.svd(model.c_attn.weight.detach().double().T)  # Conv1D keeps (in, out): W = weight.T
+    best = (u[:, :3] * s[:3]) @ vh[:3]
+    assert rel_err(second.weight.double() @ first.weight.double(), best) < 1e-6
+    assert torch.equal(second.bias, model.c_attn.bias)
+    with torch.no_grad():
+        h = torch.relu(x.double() @ best.T + model.c_attn.bias.double())
+        expected = h @ model.c_proj.weight.double() + model.c_proj.bias.double()
+        assert rel_err(factored(x), expected) < 1e-5
+        exact = low_rank(fxtune.trace(model), rank=12, force=True)
+        assert rel_err(exact(x), model(x)) < 1e-5
