@@ -302,7 +302,7 @@ class _Groups:
             w = em.call(kind.weight, weight, role=f"{kind.name}_weight", **kind.accepted(kind.weight, inputs))
             if site.kept is not None:
                 w = em.call(keep_index, w, weight, site.kept[1], site.kept[0], role="keep_padding")
-            if kind.bias is not None and bias is not None:
+            if bias is not None and kind.acts_on_bias(slot.config):
                 bias = em.call(kind.bias, bias, role=f"{kind.name}_bias", **kind.accepted(kind.bias, inputs))
             return em.site_call(x, w, bias, role="out")
         inner = kind.activation_input(em, x, inputs) if kind.activation_input is not None else x

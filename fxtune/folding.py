@@ -58,7 +58,7 @@ def folded_tensors(
             kind = get_kind(slot.kind)
             inputs = _prepared(slot, dtype)
             w = kind.weight(w, **kind.accepted(kind.weight, inputs))
-            if kind.bias is not None and b is not None:
+            if b is not None and kind.acts_on_bias(slot.config):
                 b = kind.bias(b, **kind.accepted(kind.bias, inputs))
         if kept is not None:
             w = keep_index(w, weight.detach().to(dtype), kept[1], kept[0])
@@ -80,7 +80,7 @@ def site_of(sites: dict[str, Site], target: str) -> Site:
 
 def _check_bias(site: Site, slots: list[AdapterSlot]) -> None:
     """A bias computed in the graph (not a parameter) cannot take a folded value."""
-    if site.has_bias and site.ref.bias is None and any(get_kind(s.kind).bias is not None for s in slots):
+    if site.has_bias and site.ref.bias is None and any(get_kind(s.kind).acts_on_bias(s.config) for s in slots):
         raise FusionError(
             f"'{site.name}': {sorted({s.kind for s in slots})} change the bias, but this call's bias is computed in the "
             "graph, not a parameter, so it cannot be folded; keep this adapter unfused, or exclude the site"

@@ -34,6 +34,8 @@ class AdapterKind:
                                      site, and the weight form otherwise
     weight_blocker(config)           optional, returns why an adapter cannot be computed in the weight form
                                      (e.g. dropout on activations); forcing it there is then an error
+    changes_bias(**settings)         optional, whether `bias` changes anything under these settings (IA³ on
+                                     the input side leaves it alone); no bias node is emitted or folded if not
     `inputs` holds the adapter's tensors (parameters and persistent buffers) and its settings.
     """
 
@@ -46,7 +48,14 @@ class AdapterKind:
     restore: Callable[..., dict] | None = None
     activation_reads_weight: bool = False
     weight_blocker: Callable[..., str | None] | None = None
+    changes_bias: Callable[..., bool] | None = None
     _accepts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def acts_on_bias(self, settings: dict[str, Any]) -> bool:
+        """Whether this kind's `bias` transform changes the bias of an adapter with these settings."""
+        if self.bias is None:
+            return False
+        return self.changes_bias is None or bool(self.changes_bias(**self.accepted(self.changes_bias, settings)))
 
     def accepted(self, fn: Callable, inputs: dict[str, Any]) -> dict[str, Any]:
         """The subset of `inputs` that `fn` declares (all of them if it takes **kwargs)."""

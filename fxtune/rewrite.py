@@ -140,7 +140,7 @@ def weight_chain(
         em = root.for_slot(slot.adapter, kind.name, slot_path(slot))
         inputs = _inputs(em, slot)
         w = em.call(kind.weight, w, role=f"{kind.name}_weight", **kind.accepted(kind.weight, inputs))
-        if kind.bias is not None and b is not None and site.canonical:
+        if b is not None and site.canonical and kind.acts_on_bias(slot.config):
             b = em.call(kind.bias, b, role=f"{kind.name}_bias", **kind.accepted(kind.bias, inputs))
     if site.kept is not None:
         dim, index = site.kept
@@ -219,7 +219,7 @@ def _emit_value(gm: fx.GraphModule, site: Site, slots: list[AdapterSlot]) -> Non
             w = root.method("t", w, role="weight_raw")
     for user in consumers:
         user.replace_input_with(node, w)
-    bias_kinds = [s for s in slots if get_kind(s.kind).bias is not None]
+    bias_kinds = [s for s in slots if get_kind(s.kind).acts_on_bias(s.config)]
     if not bias_kinds or site.own.bias is None or not site.canonical:
         return
     readers = {b for u in consumers for b in u.all_input_nodes if b.op == "get_attr" and b.target == site.own.bias and META not in b.meta}
@@ -257,7 +257,7 @@ def _emit_mha(gm: fx.GraphModule, node: fx.Node, work: list[tuple[Site, list[Ada
         for site, slots in work:
             effective_forms(site, slots)
             letter = site.name.rpartition(".")[2].partition("@")[0]
-            adapts_bias = any(get_kind(s.kind).bias is not None for s in slots) and site.has_bias
+            adapts_bias = any(get_kind(s.kind).acts_on_bias(s.config) for s in slots) and site.has_bias
             w, b = weight_chain(Emitter(gm, site), site, slots, bias=adapts_bias)
             put(site.own.path, site.own.rows, w, letter)
             if adapts_bias:

@@ -43,6 +43,10 @@ def ia3_bias(b: torch.Tensor, *, scale: torch.Tensor, position: str) -> torch.Te
     return b * scale if position == "output" else b
 
 
+def _changes_bias(position: str) -> bool:
+    return position == "output"
+
+
 def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.Node:
     """Output position: y · s over the channel dimension (last for linear, 1 for conv)."""
     if inputs["position"] != "output":
@@ -58,7 +62,8 @@ def _activation_input(em: fxtune.Emitter, x: fx.Node, inputs: dict) -> fx.Node:
 
 
 KIND = fxtune.register_kind(
-    AdapterKind("ia3", weight=ia3_weight, bias=ia3_bias, activation=_activation, activation_input=_activation_input)
+    AdapterKind("ia3", weight=ia3_weight, bias=ia3_bias, activation=_activation, activation_input=_activation_input,
+                changes_bias=_changes_bias)
 )
 
 

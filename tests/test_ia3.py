@@ -127,3 +127,33 @@ def test_bad_options_are_refused():
         ia3(gm, form="auto")
     with pytest.raises(fxtune.SelectionError, match="Available sites"):
         ia3(gm, targets="nothing*")
+
+
+class ComputedBias(torch.nn.Module):
+    """A linear whose bias is computed in the graph (not a parameter the fold could replace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.fc.weight, self.fc.bias * 2)
+
+
+def test_input_scaling_leaves_the_bias_alone_even_where_it_is_computed():
+    torch.manual_seed(0)
+    model = ComputedBias()
+    gm = ia3(fxtune.trace(model), position="input", form="weight")
+    assert "ia3_bias" not in gm.code
+    s = torch.rand(5, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        slot(gm, "fc").scale.copy_(s)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    w, b = model.fc.weight.double(), model.fc.bias.double()
+    expected = (x * s) @ w.T + 2 * b
+    fused = fuse(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x.float()).double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused(x.float()).double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(fxtune.FusionError, match="bias is computed in the graph"):
+        fuse(ia3(fxtune.trace(model), position="output", form="weight"))
