@@ -60,6 +60,18 @@ def summary_rows(gm: fx.GraphModule) -> list[dict]:
     return rows
 
 
+def masked_entries(gm: nn.Module, *, trainable_only: bool = False) -> int:
+    """Adapter parameter entries that masks exclude (they reach only pruned weights): never counted."""
+    stored, seen_stored, seen_counted = 0, set(), set()
+    for slot in all_slots(gm):
+        for p in slot.parameters(recurse=False):
+            if id(p) not in seen_stored and (p.requires_grad or not trainable_only):
+                seen_stored.add(id(p))
+                stored += p.numel()
+        stored -= slot.num_params(trainable_only=trainable_only, seen=seen_counted)
+    return stored
+
+
 def summary(gm: fx.GraphModule) -> str:
     """A table of call sites with their adapters, and a totals line with the trainable share."""
     rows = summary_rows(gm)
@@ -68,12 +80,8 @@ def summary(gm: fx.GraphModule) -> str:
         headers=["site", "module", "weight", "adapters", "params", "trainable"],
         colalign=("left", "left", "left", "left", "right", "right"),
     )
-    total = sum(p.numel() for p in gm.parameters())
-    masked = sum(
-        s.num_params(trainable_only=True) - sum(p.numel() for p in s.parameters(recurse=False) if p.requires_grad)
-        for s in all_slots(gm)
-    )
-    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad) + masked
+    total = sum(p.numel() for p in gm.parameters()) - masked_entries(gm)
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad) - masked_entries(gm, trainable_only=True)
     adapted = sum(1 for r in rows if r["adapted"])
     share = 100.0 * trainable / total if total else 0.0
     return (

@@ -82,3 +82,36 @@ def test_the_fold_bn_diff_excerpt_is_real():
     diff = fxtune.diff(gm, fold_bn(gm)).splitlines()
     shown = plain_block("--- before\n+++ after\n@@ -1,69 +1,49 @@").splitlines()
     assert shown[2] in diff and [line for line in shown[3:] if line not in diff] == []
+
+
+class TwoLayers(torch.nn.Module):
+    """The model of the README's Passes section."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(64, 128), torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def shown_diff_is_real(start: str, before: torch.fx.GraphModule, after: torch.fx.GraphModule) -> None:
+    """The README's diff equals the real one, up to the traced signature's type annotations."""
+    shown = plain_block(start).strip().splitlines()
+    real = fxtune.diff(before, after).replace("x : torch.Tensor) -> torch.Tensor:", "x):").strip().splitlines()
+    assert shown == [line.rstrip() for line in real]
+
+
+def test_the_pass_examples_are_real_output():
+    from fxtune.passes import ia3, low_rank, slice_delta, sp_lora
+
+    gm = fxtune.trace(TwoLayers())
+    both = ia3(ia3(gm, targets="fc1"), targets="fc2", position="input", adapter="ff")
+    shown_diff_is_real("--- before\n+++ after\n@@ -1,6 +1,10 @@", gm, both)
+    shown_diff_is_real("--- before\n+++ after\n@@ -1,5 +1,6 @@", gm, low_rank(gm, "fc1", rank=0.5))
+    shown = plain_block(">>> g = slice_delta(gm, size=0.1, seed=0)").strip().splitlines()[1]
+    assert shown == repr(slice_delta(gm, size=0.1, seed=0).fxtune.default.fc1.config)
+    command, table = plain_block(">>> g = sp_lora(gm").split("\n", 1)
+    namespace = {"gm": gm, "sp_lora": sp_lora, "torch": torch, "fxtune": fxtune}
+    exec(command[4:] + "\n" + table.split("\n", 1)[0][4:], namespace)
+    assert fxtune.summary(namespace["g"]).strip() == table.split("\n", 1)[1].strip()
