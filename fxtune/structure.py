@@ -13,7 +13,8 @@ rather than adding adapters. They work on their own copy of `gm`, as adapter pas
 `nn.Sequential` of the new modules, which are ordinary modules (and call sites) again.
 Every new call node carries `node.meta["fxtune_structure"]` (pass, site, index, and the pass's
 own notes). Parameters a structural pass makes trainable are listed by qualified name in
-`gm.meta["fxtune_trainable"]`, which `fxtune.trainable_parameters` reads.
+`gm.meta["fxtune_trainable"]`, which `fxtune.trainable_parameters` reads; a later structural pass
+keeps them trainable, on copies, so training its result leaves its input's tensors as they were.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Restructure:
         if not isinstance(gm, fx.GraphModule):
             raise StructureError(f"passes take a GraphModule (use fxtune.trace(model) first), got {type(gm).__name__}")
         self.gm = clone_graph_module(gm)
+        self._keep_trainable(gm)
         self.name = name
         self.replaced: list[str] = []
         self._sites: dict[str, Site] | None = None
@@ -182,6 +184,16 @@ class Restructure:
         kept = [n for n in trainable_names(self.gm) if n != target and not n.startswith(target + ".")]
         self.gm.meta[TRAINABLE_META] = tuple(kept + sorted(f"{target}.{n}" for n in trainable))
         self.replaced.append(target)
+
+    def _keep_trainable(self, source: fx.GraphModule) -> None:
+        """Earlier structural passes' trainable parameters (the clone froze them) train on, as copies."""
+        training = {name for name, p in source.named_parameters() if p.requires_grad}
+        kept = [name for name in trainable_names(self.gm) if name in training]
+        for name in kept:
+            owner, _, attr = name.rpartition(".")
+            module = self.gm.get_submodule(owner) if owner else self.gm
+            module._parameters[attr] = nn.Parameter(module._parameters[attr].detach().clone())
+        self.gm.meta[TRAINABLE_META] = tuple(kept)
 
     def _check_adapters(self, target: str) -> None:
         if slots_on(self.gm, target, active_only=False):

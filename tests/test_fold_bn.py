@@ -172,3 +172,23 @@ def test_resnet18_folds_every_batchnorm_and_composes_with_low_rank_and_lora():
     tuned = lora(folded, "layer4.*", r=4)
     assert len(fxtune.trainable_parameters(tuned)) == 2 * 5
     assert_unchanged(model, before)
+
+
+def test_structural_passes_in_a_row_keep_earlier_factors_trainable_on_copies():
+    model = randomize_statistics(Convs())
+    gm = fxtune.trace(model).eval()
+    first = low_rank(gm, "c2", rank=2)
+    second = low_rank(first, "c3", rank=1)
+    assert sorted(n for n, p in second.named_parameters() if p.requires_grad) == ["c2.0.weight", "c2.1.weight", "c3.0.weight", "c3.1.weight"]
+    assert len(fxtune.trainable_parameters(second)) == 4
+    before = snapshot(first)
+    opt = torch.optim.SGD(fxtune.trainable_parameters(second), lr=0.1)
+    sum(y.square().sum() for y in second(*inputs())).backward()
+    opt.step()
+    assert_unchanged(first, before)  # the copies trained, not the earlier result's factors
+    folded = fold_bn(first, "c2.1")  # the second factor takes the BatchNorm: a new, frozen conv
+    assert [n for n, p in folded.named_parameters() if p.requires_grad] == ["c2.0.weight"]
+    assert folded.meta["fxtune_trainable"] == ("c2.0.weight",)
+    with torch.no_grad():
+        for y, ref in zip(folded(*inputs()), first(*inputs())):
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
