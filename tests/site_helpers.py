@@ -2,7 +2,8 @@
 
 The mapping from a site's target to a tensor is written out here (module path -> .weight;
 `<attention>.q/.k/.v` -> rows of in_proj_weight or q/k/v_proj_weight; embeddings and Conv1D
-transposed) so the references never ask fxtune where a weight is or how it is viewed.
+transposed) so the references never ask fxtune where a weight is or how it is viewed. Also the
+transformers-style Conv1D models that several test files share.
 """
 
 from __future__ import annotations
@@ -128,3 +129,26 @@ def slice_delta64(w: torch.Tensor, b, slot) -> tuple:
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     y, ref = y.detach().double(), ref.detach().double()
     return float((y - ref).norm() / ref.norm())
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D as GPT-2 uses it: weight (in, out), y = x @ W + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.4)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class GPTish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_attn, self.c_proj = Conv1D(12, 6), Conv1D(6, 12)
+
+    def forward(self, x):
+        return self.c_proj(torch.relu(self.c_attn(x)))

@@ -15,8 +15,8 @@ from torch import nn
 
 import fxtune
 from fxtune.passes import dora, fuse, ia3, lora, low_rank
-from site_helpers import randomize, rel_err, slots
-from test_site_types import Attention, Conv1D, Functional, GPTish, TiedLM, Tokens, Values, _functional_inputs
+from site_helpers import Conv1D, GPTish, randomize, rel_err, slots
+from test_site_types import Attention, Functional, TiedLM, Tokens, Values, _functional_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxtune.FxtuneWarning")
 

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 import fxtune
 from fxtune.passes import fuse, ia3, lora, slice_delta
-from site_helpers import ia3_64, lora64, randomize, reference, rel_err, slice_delta64, slots
+from site_helpers import GPTish, ia3_64, lora64, randomize, reference, rel_err, slice_delta64, slots
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxtune.FxtuneWarning")
 
@@ -327,29 +327,6 @@ def test_embedding_input_side_adapter_takes_the_weight_form():
 def test_lora_dropout_on_an_embedding_is_refused():
     with pytest.raises(fxtune.AdapterError, match="embedding's input, which is indices"):
         lora(fxtune.trace(Tokens()), r=2, dropout=0.1)
-
-
-class Conv1D(nn.Module):
-    """transformers' Conv1D as GPT-2 uses it: weight (in, out), y = x @ W + b."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.4)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-
-
-class GPTish(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c_attn, self.c_proj = Conv1D(12, 6), Conv1D(6, 12)
-
-    def forward(self, x):
-        return self.c_proj(torch.relu(self.c_attn(x)))
 
 
 @pytest.mark.parametrize("name", ["lora-weight", "lora-activation", "ia3-output", "ia3-input-weight", "slice_delta"])
