@@ -1,8 +1,9 @@
-"""README.md shows real output: its tour, pipeline report, CLI example and diffs are re-run here and compared."""
+"""README.md shows real output: its tour, pipeline report, CLI example, diffs and `>>>` examples are re-run and compared."""
 
 from __future__ import annotations
 
 import contextlib
+import doctest
 import io
 import re
 from pathlib import Path
@@ -102,24 +103,31 @@ def shown_diff_is_real(start: str, before: torch.fx.GraphModule, after: torch.fx
     assert shown == [line.rstrip() for line in real]
 
 
-def test_the_pass_examples_are_real_output(tmp_path):
-    from safetensors.torch import load_file
-
-    from fxtune.passes import dora, ia3, low_rank, slice_delta, sp_lora, svdiff
+def test_the_pass_diffs_are_real_output():
+    from fxtune.passes import dora, ia3, low_rank
 
     gm = fxtune.trace(TwoLayers())
     both = ia3(ia3(gm, targets="fc1"), targets="fc2", position="input", adapter="ff")
     shown_diff_is_real("--- before\n+++ after\n@@ -1,6 +1,10 @@", gm, both)
     shown_diff_is_real("--- before\n+++ after\n@@ -1,5 +1,6 @@", gm, low_rank(gm, "fc1", rank=0.5))
     shown_diff_is_real("--- before\n+++ after\n@@ -1,6 +1,18 @@", gm, dora(gm, targets="fc1", r=4))
-    shown = plain_block(">>> g = slice_delta(gm, size=0.1, seed=0)").strip().splitlines()[1]
-    assert shown == repr(slice_delta(gm, size=0.1, seed=0).fxtune.default.fc1.config)
-    shown = plain_block(">>> g = svdiff(gm").strip().splitlines()
-    g = svdiff(gm, targets="fc1")
-    assert shown[2:7] == fxtune.summary(g).splitlines()
-    fxtune.save_adapters(g, tmp_path)
-    assert shown[8] == repr(load_file(tmp_path / "adapters.safetensors")["fc1.delta"].shape)
-    command, table = plain_block(">>> g = sp_lora(gm").split("\n", 1)
-    namespace = {"gm": gm, "sp_lora": sp_lora, "torch": torch, "fxtune": fxtune}
-    exec(command[4:] + "\n" + table.split("\n", 1)[0][4:], namespace)
-    assert fxtune.summary(namespace["g"]).strip() == table.split("\n", 1)[1].strip()
+
+
+def test_the_interactive_examples_are_real_output(tmp_path, monkeypatch):
+    """Every `>>>` block, run as a doctest on the Passes section's model."""
+    import safetensors.torch
+
+    import fxtune.passes
+
+    monkeypatch.chdir(tmp_path)  # save_adapters(g, "out") writes here
+    examples = [text for lang, text in BLOCKS if not lang and text.startswith(">>> ")]
+    assert len(examples) >= 4
+    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for index, text in enumerate(examples):
+        torch.manual_seed(0)
+        names = {"gm": fxtune.trace(TwoLayers()), "torch": torch, "fxtune": fxtune, "safetensors": safetensors}
+        names.update((name, getattr(fxtune.passes, name)) for name in fxtune.passes.__all__)
+        test = parser.get_doctest(text, names, f"README example {index}", "README.md", 0)
+        out = io.StringIO()
+        result = runner.run(test, out=out.write)
+        assert result.failed == 0, out.getvalue()
