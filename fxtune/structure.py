@@ -129,7 +129,7 @@ class Restructure:
         self._check(target)
         if not modules:
             raise StructureError(f"replacing '{target}' needs at least one module, got none")
-        sequence = nn.Sequential(*modules)
+        sequence, trainable = nn.Sequential(*modules), set(trainable)
         self._freeze_except(target, sequence, trainable)
         graph = self.gm.graph
         created = []
@@ -154,6 +154,7 @@ class Restructure:
         `trainable` names its parameters as in `replace`; returns the call nodes.
         """
         self._check(target)
+        trainable = set(trainable)
         self._freeze_except(target, module, trainable)
         calls = [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target]
         for node in calls:
@@ -172,14 +173,14 @@ class Restructure:
             parent, _, name = node.target.rpartition(".")
             del (self.gm.get_submodule(parent) if parent else self.gm)._modules[name]
 
-    def _freeze_except(self, target: str, module: nn.Module, trainable: Iterable[str]) -> None:
-        unknown = set(trainable) - {name for name, _ in module.named_parameters()}
+    def _freeze_except(self, target: str, module: nn.Module, trainable: set[str]) -> None:
+        unknown = trainable - {name for name, _ in module.named_parameters()}
         if unknown:
             raise StructureError(f"replacing '{target}': trainable names {sorted(unknown)} are not parameters of the new modules")
         for name, param in module.named_parameters():
-            param.requires_grad_(name in set(trainable))
+            param.requires_grad_(name in trainable)
 
-    def _install(self, target: str, module: nn.Module, trainable: Iterable[str]) -> None:
+    def _install(self, target: str, module: nn.Module, trainable: set[str]) -> None:
         replace_submodule(self.gm, target, module)
         kept = [n for n in trainable_names(self.gm) if n != target and not n.startswith(target + ".")]
         self.gm.meta[TRAINABLE_META] = tuple(kept + sorted(f"{target}.{n}" for n in trainable))

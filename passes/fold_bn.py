@@ -9,7 +9,6 @@ The BatchNorm modules leave the tree; the folded weights are new tensors (the in
 
 from __future__ import annotations
 
-
 import torch
 from torch import fx, nn
 
