@@ -87,6 +87,13 @@ def _check_bias(site: Site, slots: list[AdapterSlot]) -> None:
         )
 
 
+def fold_site(store: Weights, site: Site, slots: list[AdapterSlot]) -> None:
+    """Writes W' (and b') of `slots` into the site's weight as new tensors: what fuse and merge share."""
+    _check_bias(site, slots)
+    weight, bias = store.read(site.ref)
+    store.write(site.ref, *folded_tensors(weight, bias, slots, site.kept))
+
+
 def fold(gm: fx.GraphModule, adapters: Iterable[str] | None = None) -> fx.GraphModule:
     """A new GraphModule with the chosen adapters folded into constant weights and no adapter left.
 
@@ -119,10 +126,7 @@ def fold(gm: fx.GraphModule, adapters: Iterable[str] | None = None) -> fx.GraphM
         todo = [s for s in folded if not s.merged]
         if not todo:
             continue
-        _check_bias(site, todo)
-        weight, bias = store.read(site.ref)
-        weight, bias = folded_tensors(weight, bias, todo, site.kept)
-        store.write(site.ref, weight, bias)
+        fold_site(store, site, todo)
     touched = {s.target for s in slots}
     remove_slots(gm, slots)
     rebuild(gm, touched)

@@ -15,7 +15,7 @@ from torch import fx
 
 from .basekeeping import ORIGINAL, PREMERGE, remember, replaced_by, restore, use_base
 from .errors import AdapterError
-from .folding import folded_tensors, site_of
+from .folding import fold_site, site_of
 from .ownership import clone_graph_module
 from .rewrite import rebuild
 from .sites import WeightRef, canonical_sites
@@ -134,9 +134,7 @@ def merge(gm: fx.GraphModule, names: str | Iterable[str] | None = None) -> fx.Gr
             continue
         site = site_of(sites, target)
         remember(store, site.ref, PREMERGE)
-        weight, bias = store.read(site.ref)
-        weight, bias = folded_tensors(weight, bias, todo, site.kept)
-        store.write(site.ref, weight, bias)
+        fold_site(store, site, todo)
         for slot in todo:
             slot.active = slot.merged = True
             slot.__dict__["_trainable_before_merge"] = {k: p.requires_grad for k, p in slot.named_parameters(recurse=False)}

@@ -157,3 +157,15 @@ def test_input_scaling_leaves_the_bias_alone_even_where_it_is_computed():
         torch.testing.assert_close(fused(x.float()).double(), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(fxtune.FusionError, match="bias is computed in the graph"):
         fuse(ia3(fxtune.trace(model), position="output", form="weight"))
+
+
+def test_merge_refuses_a_computed_bias_it_would_change_as_fuse_does():
+    from core_helpers import assert_unchanged as assert_gm_unchanged, snapshot as gm_snapshot
+
+    gm = ia3(fxtune.trace(ComputedBias()), position="output", form="weight")
+    before = gm_snapshot(gm)
+    with pytest.raises(fxtune.FusionError, match="bias is computed in the graph"):
+        fxtune.merge(gm)
+    assert_gm_unchanged(gm, before)
+    merged = fxtune.merge(ia3(fxtune.trace(ComputedBias()), position="input", form="weight"))  # leaves the bias alone
+    assert [s.merged for s in fxtune.adapters(merged)] == [True]
