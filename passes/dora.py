@@ -73,14 +73,11 @@ def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.
     if groups > 1:
         a = em.method("repeat", a, groups, *([1] * (len(site.weight_shape) - 1)), role="lora_a_grouped")
     down = em.site_call(x, a, groups=groups, role="lora_down")
-    up = em.pointwise(down, inputs["lora_b"], groups=groups, role="lora_up")
-    if inputs["scale"] != 1.0:
-        up = em.mul(up, inputs["scale"], role="lora_scaled")
     bias = None
     if site.has_bias:
         bias = em.channel_view(em.base_bias(role="dora_base_bias"), role="dora_bias_view")
         y = em.call(operator.sub, y, bias, role="dora_unbiased")
-    inner = em.add(y, up, role="dora_inner")
+    inner = em.pointwise_add(y, down, inputs["lora_b"], scale=inputs["scale"], groups=groups, role="dora_inner")
     out = em.mul(inner, em.channel_view(factor, role="dora_factor_view"), role="dora_scaled")
     return out if bias is None else em.add(out, bias, role="dora")
 

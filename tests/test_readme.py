@@ -110,7 +110,7 @@ def test_the_pass_diffs_are_real_output():
     both = ia3(ia3(gm, targets="fc1"), targets="fc2", position="input", adapter="ff")
     shown_diff_is_real("--- before\n+++ after\n@@ -1,6 +1,10 @@", gm, both)
     shown_diff_is_real("--- before\n+++ after\n@@ -1,5 +1,6 @@", gm, low_rank(gm, "fc1", rank=0.5))
-    shown_diff_is_real("--- before\n+++ after\n@@ -1,6 +1,18 @@", gm, dora(gm, targets="fc1", r=4))
+    shown_diff_is_real("--- before\n+++ after\n@@ -1,6 +1,17 @@", gm, dora(gm, targets="fc1", r=4))
 
 
 def test_the_interactive_examples_are_real_output(tmp_path, monkeypatch):
