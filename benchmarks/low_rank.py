@@ -27,7 +27,6 @@ from fxtune.passes import fold_bn, low_rank
 
 from _common import interleaved, load, machine, write_section
 
-BEGIN, END = "<!-- low_rank:begin -->", "<!-- low_rank:end -->"
 MODELS = {"resnet50": torchvision.models.resnet50, "vit_b_16": torchvision.models.vit_b_16}
 
 

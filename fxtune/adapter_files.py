@@ -145,10 +145,9 @@ def apply_adapter_state(
         by_kind.setdefault(rec["kind"], []).append(rec)
     for kind, records in by_kind.items():
         rw = Rewrite(gm, kind=kind, adapter=name)
-        sites = canonical_sites(rw.gm)
         created: dict[str, torch.nn.Parameter] = {}
         for rec in records:
-            _recreate(rw, sites[rec["target"]], rec, _unpack(rec, tensors), created)
+            _recreate(rw, rw.site(rec["target"]), rec, _unpack(rec, tensors), created)
         gm = rw.finish()
     return gm
 

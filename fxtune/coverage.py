@@ -11,11 +11,8 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from .calls import original_call
-from .sites import META, all_sites, join, site_kind
+from .sites import META, SITE_KINDS, all_sites, join, qkv_weights, site_kind
 from .weights import Weights
-
-
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
 @dataclass(frozen=True)
@@ -56,13 +53,8 @@ def model_weights(model: nn.Module) -> dict[str, tuple[str, str, tuple[int, int]
     for path, module in model.named_modules():
         entries = []
         if isinstance(module, nn.MultiheadAttention):
-            e = module.embed_dim
-            for i, letter in enumerate("qkv"):
-                if module._qkv_same_embed_dim:
-                    entries.append((join(path, letter), "in_proj_weight", (i * e, (i + 1) * e)))
-                else:
-                    entries.append((join(path, letter), f"{letter}_proj_weight", None))
-        elif isinstance(module, _WEIGHTED) or site_kind(module) is not None:
+            entries = [(join(path, letter), param, rows) for letter, param, rows in qkv_weights(module)]
+        elif isinstance(module, tuple(SITE_KINDS)) or site_kind(module) is not None:
             if isinstance(getattr(module, "weight", None), nn.Parameter):
                 entries.append((path, "weight", None))
         for name, param, rows in entries:

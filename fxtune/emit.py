@@ -44,8 +44,7 @@ class Emitter:
 
     def for_slot(self, adapter: str, kind: str, slot_path: str) -> "Emitter":
         """An emitter for one adapter of this site, sharing the list of created nodes."""
-        em = Emitter(self.gm, self.site, adapter=adapter, kind=kind)
-        em.graph = self.graph
+        em = Emitter(self.gm, self.site, adapter=adapter, kind=kind, graph=self.graph)
         em.slot_path = slot_path
         em.created = self.created
         return em

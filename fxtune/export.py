@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import TraceError
 from .ownership import build_graph_module, own_module_tree
+from .sites import is_conv1d
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FXTUNE_DIR = os.path.dirname(__file__)
@@ -189,7 +190,7 @@ def _reroll_conv1d(graph: fx.Graph, owned: nn.Module) -> None:
         stack = node.meta.get("nn_module_stack") or {}
         if node.op == "call_function" and stack and not _is_size(node):
             key, (path, _) = list(stack.items())[-1]
-            if type(modules.get(path)).__name__ == "Conv1D":
+            if is_conv1d(modules.get(path)):
                 calls.setdefault(key, []).append(node)
     for key, nodes in calls.items():
         path = list(nodes[0].meta["nn_module_stack"].values())[-1][0]

@@ -6,19 +6,17 @@ import fnmatch
 import re
 from typing import Callable, Iterable, Union
 
-from torch import fx, nn
+from torch import fx
 
 from .errors import SelectionError
-from .sites import Site, all_sites
+from .sites import SITE_KINDS, Site, all_sites
 
 Selector = Union[None, str, "re.Pattern[str]", Iterable[str], type, Callable[[Site], bool]]
 
 # A module type selects the sites whose weight its instances own, the sites inside an instance
 # (nn.MultiheadAttention: its q/k/v/out_proj), and every site computing the op that type stands
 # for: nn.Linear is every linear (F.linear, transformers' Conv1D, attention projections).
-OP_TYPES: dict[str, type] = {
-    "linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "embedding": nn.Embedding,
-}
+OP_TYPES: dict[str, type] = {kind: cls for cls, kind in SITE_KINDS.items()}
 
 
 def matches(site: Site, selector: Selector) -> bool:

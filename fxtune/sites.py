@@ -170,9 +170,14 @@ def join(owner: str, name: str) -> str:
     return f"{owner}.{name}" if owner else name
 
 
+def is_conv1d(module: object) -> bool:
+    """transformers' Conv1D (a linear storing its weight as (in, out)), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D"
+
+
 def site_kind(module: nn.Module) -> str | None:
     """The site kind of a module instance, or None when its weight is not adapted as a call site."""
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+    if is_conv1d(module) and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
         return "linear"
     for cls, kind in SITE_KINDS.items():
         if isinstance(module, cls):
@@ -183,7 +188,7 @@ def site_kind(module: nn.Module) -> str | None:
 
 
 def _transposed(module: nn.Module, kind: str) -> bool:
-    return kind == "embedding" or type(module).__name__ == "Conv1D"
+    return kind == "embedding" or is_conv1d(module)
 
 
 def _view_shape(tensor: torch.Tensor, ref: WeightRef) -> tuple[int, ...]:
@@ -259,15 +264,20 @@ def _module_uses(g: _Graph, node: fx.Node, path: str) -> list[_Use]:
     return [_Use(path, node, module, kind, own, module.weight, "module", _module_geometry(module, kind), own.bias is not None)]
 
 
+def qkv_weights(mha: nn.MultiheadAttention) -> list[tuple[str, str, tuple[int, int] | None]]:
+    """(letter, parameter, rows) of each q/k/v projection weight: rows of the packed in_proj_weight,
+    or the separate q/k/v_proj_weight when the embedding sizes differ."""
+    e = mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        return [(letter, "in_proj_weight", (i * e, (i + 1) * e)) for i, letter in enumerate("qkv")]
+    return [(letter, f"{letter}_proj_weight", None) for letter in "qkv"]
+
+
 def _mha_uses(g: _Graph, node: fx.Node, path: str, mha: nn.MultiheadAttention) -> list[_Use]:
     e, uses = mha.embed_dim, []
     bias = g.bias_path(path, mha, "in_proj_bias")
-    for i, letter in enumerate("qkv"):
-        rows = (i * e, (i + 1) * e)
-        if mha._qkv_same_embed_dim:
-            own = WeightRef(path, "in_proj_weight", rows=rows, bias=bias, bias_rows=rows if bias else None)
-        else:
-            own = WeightRef(path, f"{letter}_proj_weight", bias=bias, bias_rows=rows if bias else None)
+    for i, (letter, param, rows) in enumerate(qkv_weights(mha)):
+        own = WeightRef(path, param, rows=rows, bias=bias, bias_rows=(i * e, (i + 1) * e) if bias else None)
         tensor = getattr(mha, own.param)
         uses.append(_Use(f"{path}.{letter}", node, mha, "linear", own, tensor, "mha", has_bias=bias is not None,
                          caller=mha, op=f"MultiheadAttention.{letter}"))

@@ -12,6 +12,7 @@ from torch import fx, nn
 from .errors import TraceError
 from .export import export_trace
 from .ownership import build_graph_module, own_module_tree
+from .sites import is_conv1d
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FXTUNE_DIR = os.path.dirname(__file__)
@@ -29,7 +30,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        if type(m).__name__ == "Conv1D":  # transformers' transposed linear: a call site, like nn.Linear
+        if is_conv1d(m):  # transformers' transposed linear: a call site, like nn.Linear
             return True
         return super().is_leaf_module(m, qualname)
 
