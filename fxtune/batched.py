@@ -46,7 +46,7 @@ from .emit import META, Emitter
 from .errors import AdapterError
 from .kinds import get_kind
 from .ownership import clone_graph_module
-from .rewrite import _inputs, effective_forms, strip_site
+from .rewrite import _inputs, effective_forms, strip_sites
 from .sites import Site, all_sites, canonical_sites
 from .slots import AdapterSlot, all_slots, slot_path, target_key
 from .weights import Weights, keep_index, keep_positions
@@ -187,8 +187,7 @@ def batched(gm: fx.GraphModule, names: str | Iterable[str], *, form: str = "auto
     out = clone_graph_module(gm)
     _check_sites(out, names)
     _use_traced_bases(out, names)
-    for site in all_sites(out):
-        strip_site(out, site)
+    strip_sites(out)
     plan = _add_index_input(out, names)
     for site in all_sites(out):
         _emit_site(out, site, plan, names, form)

@@ -111,9 +111,9 @@ def strip_nodes(gm: fx.GraphModule, groups: dict[fx.Node, set[str]]) -> None:
             used.discard(n.name)
 
 
-def strip_site(gm: fx.GraphModule, site: Site) -> None:
-    """Removes the nodes fxtune emitted for one site and restores its node's original call."""
-    strip_nodes(gm, {site.node: {site.name}})
+def strip_sites(gm: fx.GraphModule, targets: set[str] | None = None) -> None:
+    """Removes the nodes fxtune emitted for every site of a weight in `targets` (all if None), in one sweep."""
+    strip_nodes(gm, {node: {s.name for s in group} for node, group in _by_node(all_sites(gm), targets).items()})
 
 
 def _inputs(em: Emitter, slot: AdapterSlot) -> dict[str, Any]:
@@ -299,7 +299,7 @@ def _by_node(sites: list[Site], targets: set[str] | None) -> dict[fx.Node, list[
 
 def rebuild(gm: fx.GraphModule, targets: set[str] | None = None) -> None:
     """Re-derives the code of every node that uses a weight in `targets` (all if None); recompiles once."""
-    strip_nodes(gm, {node: {s.name for s in group} for node, group in _by_node(all_sites(gm), targets).items()})
+    strip_sites(gm, targets)
     for group in _by_node(all_sites(gm), targets).values():
         emit_node(gm, group)
     graph = gm.graph
