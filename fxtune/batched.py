@@ -46,7 +46,7 @@ from .emit import META, Emitter
 from .errors import AdapterError
 from .kinds import get_kind
 from .ownership import clone_graph_module
-from .rewrite import _inputs, effective_forms, strip_sites
+from .rewrite import _inputs, effective_forms, opaque_reason, strip_sites
 from .sites import Site, all_sites, canonical_sites
 from .slots import AdapterSlot, all_slots, slot_path, target_key
 from .weights import Weights, keep_index, keep_positions
@@ -205,6 +205,8 @@ def _check_sites(gm: fx.GraphModule, names: tuple[str, ...]) -> None:
     for site in all_sites(gm):
         if site.target in adapted and (site.call not in ("module", "function") or not site.canonical):
             why = {"value": "its weight is passed as a value into other code", "mha": "it is inside nn.MultiheadAttention"}
+            if site.call == "opaque":
+                why["opaque"] = f"its module is called as a whole ({opaque_reason(site)})"
             raise AdapterError(
                 f"batched cannot serve site '{site.name}': {why.get(site.call, 'it uses a tied weight in another layout')}, "
                 f"so its rows cannot take different adapters. Leave {sorted({s.adapter for s in all_slots(gm) if s.target == site.target and s.adapter in names})} "

@@ -113,6 +113,8 @@ def _geometry_problem(module: nn.Module) -> str | None:
 
 def _peft_layout_problem(site: Any) -> str | None:
     """Why PEFT's LoRA keys (`<module>.lora_A/B.weight` on a Linear/Conv) cannot express this site, if so."""
+    if site.call == "opaque":
+        return f"a {site.type_name} weight whose module is called as a whole; PEFT's format here holds LoRA on plain Linear/Conv modules (save with format='fxtune')"
     if site.call == "mha" or site.ref.rows is not None:
         return f"a {site.type_name} projection; PEFT's format here holds LoRA on Linear/Conv modules only (save with format='fxtune')"
     if not isinstance(site.module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or site.ref.param != "weight" or site.ref.transposed:

@@ -8,6 +8,8 @@ call depends on the site:
     function  the call's weight (and bias) arguments become the adapted ones
     value     the get_attr's consumers read the adapted weight instead (weight form only)
     mha       the call becomes `call_with(attention, {"in_proj_weight": ..., ...}, *args)` (weight form only)
+    opaque    likewise `call_with(module, {"weight": ..., "linear1.weight": ...}, *args)`: the module's own
+              forward runs on the adapted parameters (weight form only)
 """
 
 from __future__ import annotations
@@ -32,9 +34,18 @@ def _site_blocker(site: Site) -> str | None:
         return "its weight flows on as a value"
     if site.call == "mha":
         return "inside nn.MultiheadAttention"
+    if site.call == "opaque":
+        return opaque_reason(site)
     if not site.canonical:
         return f"uses the tied weight of '{site.target}' in another layout"
     return None
+
+
+def opaque_reason(site: Site) -> str:
+    """Why an opaque site's adapters act through the parameters its module is called with."""
+    if site.caller is site.module:
+        return f"{type(site.module).__name__} has its own forward"
+    return f"inside {type(site.caller).__name__} '{site.caller_path}', called as a whole"
 
 
 def _acts_on_input(site: Site, slot: AdapterSlot, kind: AdapterKind) -> bool:
@@ -236,8 +247,9 @@ def _emit_value(gm: fx.GraphModule, site: Site, slots: list[AdapterSlot]) -> Non
             user.replace_input_with(bias, b)
 
 
-def _emit_mha(gm: fx.GraphModule, node: fx.Node, work: list[tuple[Site, list[AdapterSlot]]]) -> None:
-    """nn.MultiheadAttention: the adapted q/k/v rows and out_proj replace its parameters for this call."""
+def _emit_opaque(gm: fx.GraphModule, node: fx.Node, work: list[tuple[Site, list[AdapterSlot]]]) -> None:
+    """A module called as a whole (nn.MultiheadAttention, a layer with its own forward, a leaf holding
+    layers): the adapted weights (q/k/v as rows) and biases replace its parameters for this call."""
     graph, path = gm.graph, node.target
     top = Emitter(gm, work[0][0], prefix=path.replace(".", "_"))
     overrides: dict[str, fx.Node] = {}
@@ -258,7 +270,10 @@ def _emit_mha(gm: fx.GraphModule, node: fx.Node, work: list[tuple[Site, list[Ada
             effective_forms(site, slots)
             letter = site.name.rpartition(".")[2].partition("@")[0]
             adapts_bias = any(get_kind(s.kind).acts_on_bias(s.config) for s in slots) and site.has_bias
-            w, b = weight_chain(Emitter(gm, site), site, slots, bias=adapts_bias)
+            root = Emitter(gm, site)
+            w, b = weight_chain(root, site, slots, bias=adapts_bias)
+            if site.own.transposed:
+                w = root.method("t", w, role="weight_raw")
             put(site.own.path, site.own.rows, w, letter)
             if adapts_bias:
                 put(site.own.bias, site.own.bias_rows, b, letter)
@@ -281,8 +296,8 @@ def emit_node(gm: fx.GraphModule, sites: list[Site]) -> None:
     if not work:
         return
     site = work[0][0]
-    if site.call == "mha":
-        _emit_mha(gm, site.node, work)
+    if site.call in ("mha", "opaque"):
+        _emit_opaque(gm, site.node, work)
     elif site.call == "value":
         _emit_value(gm, *work[0])
     else:

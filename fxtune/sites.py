@@ -8,6 +8,9 @@ A site is one use of one weight. How the graph consumes it (`site.call`):
               (e.g. torchvision swin's fx.wrap-ped `shifted_window_attention`)
     mha       nn.MultiheadAttention called as a module: sites `<path>.q`, `.k`, `.v` (rows of
               in_proj_weight, or q/k/v_proj_weight) and `<path>.out_proj`
+    opaque    a weight whose module is called as a whole but is not exactly the plain op: a subclass
+              with its own forward (timm's Conv2dSame), hooks, or a leaf module holding the layer
+              (nn.TransformerEncoderLayer); the module is called on adapted parameters
 Names are the module paths users know (`features.1.0.attn.qkv`); a second use by the same path
 is `fc@1`. `site.target` keys the weight's adapters: every use of one tensor (a module called
 twice, tied weights) takes the target of the first use, so they share one adapter and fuse once.
@@ -86,7 +89,8 @@ class Site:
     shape: tuple[int, ...] = ()
     geometry: Geometry = field(default_factory=Geometry, repr=False)
     has_bias: bool = False
-    caller: nn.Module | None = field(default=None, repr=False)  # the MultiheadAttention of an mha site
+    caller: nn.Module | None = field(default=None, repr=False)  # the module called as a whole (mha, opaque sites)
+    caller_path: str = ""  # its path
     op: str = ""  # how the summary names the use
     dtype: torch.dtype | None = field(default=None, repr=False)
     device: torch.device | None = field(default=None, repr=False)
@@ -187,6 +191,28 @@ def site_kind(module: nn.Module) -> str | None:
     return None
 
 
+_PLAIN_METHODS = ("forward", "_conv_forward")
+
+
+def _base_class(module: nn.Module) -> type | None:
+    for cls in SITE_KINDS:
+        if isinstance(module, cls):
+            return cls
+    return None
+
+
+def is_plain(module: nn.Module) -> bool:
+    """Whether calling `module` is exactly its op on `module.weight` and `module.bias`: a Linear, Conv or
+    Embedding (or transformers' Conv1D) that keeps its base class's forward, has no hooks, and holds its
+    weight as a plain Parameter. Only then may fxtune replace the call by the functional op."""
+    if site_kind(module) is None or not isinstance(module._parameters.get("weight"), nn.Parameter):
+        return False
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    base = type(module) if is_conv1d(module) else _base_class(module)
+    return all(getattr(type(module), name, None) is getattr(base, name, None) for name in _PLAIN_METHODS)
+
+
 def _transposed(module: nn.Module, kind: str) -> bool:
     return kind == "embedding" or is_conv1d(module)
 
@@ -222,6 +248,7 @@ class _Use:
     has_bias: bool = False
     caller: nn.Module | None = None
     op: str = ""
+    caller_path: str = ""
 
 
 class _Graph:
@@ -255,13 +282,39 @@ class _Graph:
 
 def _module_uses(g: _Graph, node: fx.Node, path: str) -> list[_Use]:
     module = g.modules.get(path)
-    if isinstance(module, nn.MultiheadAttention):
-        return _mha_uses(g, node, path, module)
-    kind = site_kind(module) if module is not None else None
-    if kind is None:
+    if module is None:
         return []
+    if type(module) is nn.MultiheadAttention:
+        return _mha_uses(g, node, path, module, "mha")
+    if is_plain(module):
+        return [_layer_use(g, node, path, module, "module")]
+    return _opaque_uses(g, node, path, module)
+
+
+def _layer_use(
+    g: _Graph, node: fx.Node, path: str, module: nn.Module, call: str, caller: nn.Module | None = None, caller_path: str = ""
+) -> _Use:
+    kind = site_kind(module)
     own = WeightRef(path, "weight", transposed=_transposed(module, kind), bias=g.bias_path(path, module))
-    return [_Use(path, node, module, kind, own, module.weight, "module", _module_geometry(module, kind), own.bias is not None)]
+    op = "" if call == "module" else type(module).__name__ + (" (own forward)" if caller is module else "")
+    return _Use(path, node, module, kind, own, module.weight, call, _module_geometry(module, kind), own.bias is not None,
+                caller=caller, op=op, caller_path=caller_path)
+
+
+def _opaque_uses(g: _Graph, node: fx.Node, path: str, called: nn.Module) -> list[_Use]:
+    """The layer weights of a module called as a whole that fxtune cannot rewrite as plain ops: the
+    module itself if it is a Linear/Conv/Embedding with its own forward, and every layer inside it."""
+    uses, inside_attention = [], set()
+    for rel, sub in called.named_modules():
+        full = join(path, rel) if rel else path
+        if id(sub) in inside_attention:
+            continue
+        if isinstance(sub, nn.MultiheadAttention):
+            inside_attention.update(id(m) for m in sub.modules())
+            uses.extend(_mha_uses(g, node, full, sub, "opaque", caller=called, caller_path=path))
+        elif site_kind(sub) is not None and isinstance(sub._parameters.get("weight"), nn.Parameter):
+            uses.append(_layer_use(g, node, full, sub, "opaque", caller=called, caller_path=path))
+    return uses
 
 
 def qkv_weights(mha: nn.MultiheadAttention) -> list[tuple[str, str, tuple[int, int] | None]]:
@@ -273,18 +326,22 @@ def qkv_weights(mha: nn.MultiheadAttention) -> list[tuple[str, str, tuple[int, i
     return [(letter, f"{letter}_proj_weight", None) for letter in "qkv"]
 
 
-def _mha_uses(g: _Graph, node: fx.Node, path: str, mha: nn.MultiheadAttention) -> list[_Use]:
-    e, uses = mha.embed_dim, []
+def _mha_uses(
+    g: _Graph, node: fx.Node, path: str, mha: nn.MultiheadAttention, call: str, caller: nn.Module | None = None,
+    caller_path: str | None = None,
+) -> list[_Use]:
+    e, uses, caller = mha.embed_dim, [], mha if caller is None else caller
+    caller_path = path if caller_path is None else caller_path
     bias = g.bias_path(path, mha, "in_proj_bias")
     for i, (letter, param, rows) in enumerate(qkv_weights(mha)):
         own = WeightRef(path, param, rows=rows, bias=bias, bias_rows=(i * e, (i + 1) * e) if bias else None)
         tensor = getattr(mha, own.param)
-        uses.append(_Use(f"{path}.{letter}", node, mha, "linear", own, tensor, "mha", has_bias=bias is not None,
-                         caller=mha, op=f"MultiheadAttention.{letter}"))
+        uses.append(_Use(f"{path}.{letter}", node, mha, "linear", own, tensor, call, has_bias=bias is not None,
+                         caller=caller, op=f"MultiheadAttention.{letter}", caller_path=caller_path))
     out = mha.out_proj
     own = WeightRef(join(path, "out_proj"), "weight", bias=g.bias_path(join(path, "out_proj"), out))
-    uses.append(_Use(own.owner, node, out, "linear", own, out.weight, "mha", has_bias=own.bias is not None,
-                     caller=mha, op="MultiheadAttention.out_proj"))
+    uses.append(_Use(own.owner, node, out, "linear", own, out.weight, call, has_bias=own.bias is not None,
+                     caller=caller, op="MultiheadAttention.out_proj", caller_path=caller_path))
     return uses
 
 
@@ -383,7 +440,7 @@ def all_sites(gm: fx.GraphModule) -> list[Site]:
             name=use.natural if count == 0 else f"{use.natural}@{count}", target=target, node=use.node,
             module=use.module, kind=use.kind, ref=ref, own=use.own, call=use.call,
             shape=_view_shape(use.tensor, use.own), geometry=use.geometry, has_bias=use.has_bias,
-            caller=use.caller, op=use.op,
+            caller=use.caller, op=use.op, caller_path=use.caller_path,
             dtype=use.tensor.dtype, device=use.tensor.device,
         ))
     return found

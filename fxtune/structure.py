@@ -29,6 +29,7 @@ from .ownership import clone_graph_module, replace_submodule
 from .selection import Selector, select_targets
 from .sites import Site, canonical_sites
 from .slots import slots_on
+from .rewrite import opaque_reason
 from .weights import Weights
 
 STRUCTURE_META = "fxtune_structure"
@@ -52,6 +53,8 @@ def _why_not(group: list[Site], kinds: tuple[str, ...]) -> str | None:
         return f"a {site.kind} site; this pass rebuilds {', '.join(kinds)} sites only"
     if site.call == "mha":
         return "a projection inside nn.MultiheadAttention, not a module call"
+    if site.call == "opaque":
+        return f"its module is called as a whole and not as the plain op ({opaque_reason(site)})"
     direct = sorted({s.own.path for s in group if s.call != "module" or s.own.owner != site.target})
     if direct:
         return (f"the graph reads {direct} directly, not only through calls of '{site.target}'; replacing the "

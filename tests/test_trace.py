@@ -96,10 +96,10 @@ def test_leaf_modules_make_it_traceable(leaf):
     assert [s.name for s in fxtune.sites(gm)] == ["fc", "block.0", "head"]
 
 
-def test_leaf_module_hides_its_layers_from_sites():
+def test_layers_inside_a_leaf_module_stay_sites_called_through_it():
     model = Outer()
     gm = fxtune.trace(model, leaf_modules=[nn.Sequential])
-    assert [s.name for s in fxtune.sites(gm)] == ["fc", "head"]
+    assert [(s.name, s.call) for s in fxtune.sites(gm)] == [("fc", "module"), ("block.0", "opaque"), ("head", "module")]
 
 
 @pytest.mark.parametrize("value", [True, False])
