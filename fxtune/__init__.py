@@ -3,72 +3,87 @@
     gm = fxtune.trace(model)
     gm = lora(gm, targets="layer4.*", r=8)     # from fxtune.passes import lora, fuse
     fused = fuse(gm)                            # fused.code == fxtune.trace(model).code
+
+The core is layered (see docs/architecture.md): frontends and graph, then adapters, the
+pass-writing kit, io and compose, the command line; this module re-exports the public API.
 """
 
-from .adapter_files import load_adapters, save_adapters
-from .batched import batched
-from .coverage import Coverage, coverage
-from .edit import Rewrite
-from .emit import Emitter
-from .errors import AdapterError, FusionError, FxtuneError, FxtuneWarning, SelectionError, TraceError, warn
-from .folding import fold
-from .inspection import diff, summary, trainable_parameters
-from .kinds import AdapterKind, get_kind, register_kind
-from .masks import channel_masks, weight_mask
-from .lifecycle import AdapterInfo, adapters, delete_adapter, merge, set_active, unload, unmerge
-from .pipeline import Pipeline
-from .rebase import swap_base
-from .selection import sites
-from .settings import per_site
-from .sites import Site
-from .slots import AdapterSlot
-from .strategy import Strategy
-from .structure import Restructure, StructureError
-from .tracing import trace
-from .train_module import train_module
+from typing import Any
+
+from .adapter.batched import batched
+from .adapter.emitter import Emitter
+from .adapter.fusion import fold
+from .adapter.kinds import AdapterKind, get_kind, register_kind, registered_kinds
+from .adapter.lifecycle import AdapterInfo, adapters, delete_adapter, merge, set_active, unload, unmerge
+from .adapter.slots import AdapterSlot
+from .compose.pipeline import Pipeline
+from .compose.registry import get_pass, pass_names, register_pass
+from .compose.strategy import Strategy
+from .errors import AdapterError, FusionError, FxtuneError, FxtuneWarning, SelectionError, StructureError, TraceError, warn
+from .frontends.trace import trace
+from .graph.coverage import Coverage
+from .graph.selection import Selector, sites
+from .graph.sites import Site
+from .inspection import coverage, diff, summary, trainable_parameters
+from .io.adapter_files import load_adapters, save_adapters
+from .io.swap_base import swap_base
+from .kit import MaskSpec, Restructure, Rewrite, channel_masks, per_site, weight_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
     "AdapterInfo",
-    "adapters",
-    "batched",
-    "Coverage",
-    "coverage",
-    "load_adapters",
-    "save_adapters",
-    "delete_adapter",
-    "merge",
-    "per_site",
-    "set_active",
-    "swap_base",
-    "train_module",
-    "unload",
-    "unmerge",
     "AdapterKind",
     "AdapterSlot",
+    "Coverage",
     "Emitter",
     "FusionError",
     "FxtuneError",
     "FxtuneWarning",
+    "MaskSpec",
     "Pipeline",
     "Restructure",
     "Rewrite",
-    "StructureError",
-    "Strategy",
     "SelectionError",
+    "Selector",
     "Site",
+    "Strategy",
+    "StructureError",
     "TraceError",
+    "adapters",
+    "batched",
     "channel_masks",
+    "coverage",
+    "delete_adapter",
     "diff",
     "fold",
     "get_kind",
+    "get_pass",
+    "load_adapters",
+    "merge",
+    "pass_names",
+    "per_site",
     "register_kind",
+    "register_pass",
+    "registered_kinds",
+    "save_adapters",
+    "set_active",
     "sites",
     "summary",
+    "swap_base",
     "trace",
+    "train_module",
     "trainable_parameters",
+    "unload",
+    "unmerge",
     "warn",
     "weight_mask",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Passes that are also core names (`fxtune.train_module`) come from the pass registry on first use."""
+    if name == "train_module":
+        return get_pass(name)
+    raise AttributeError(f"module 'fxtune' has no attribute {name!r}")

@@ -20,6 +20,10 @@ class AdapterError(FxtuneError):
     """An adapter cannot be added, found or configured as asked."""
 
 
+class StructureError(FxtuneError):
+    """A structural edit cannot be made as asked (adapted module, weight used outside calls, nothing to do)."""
+
+
 class FusionError(FxtuneError):
     """Folding adapters into constant weights was refused (e.g. a non-finite adapter)."""
 

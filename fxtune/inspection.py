@@ -1,4 +1,4 @@
-"""Looking at a GraphModule: its sites and adapters as a table, code diffs, trainable parameters."""
+"""Looking at a GraphModule: its sites and adapters as a table, code diffs, coverage, trainable parameters."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ import difflib
 from tabulate import tabulate
 from torch import fx, nn
 
-from .ownership import NAMESPACE
-from .rewrite import effective_forms
-from .sites import all_sites, join
-from .slots import all_slots, slots_on
-from .structure import trainable_names
+from .adapter.forms import effective_forms
+from .adapter.slots import all_slots, slots_by_weight
+from .frontends.trace import trace
+from .graph.coverage import Coverage, coverage_of
+from .graph.discovery import discover_sites
+from .graph.ownership import NAMESPACE, trainable_names
+from .graph.sites import join
+
+
+def coverage(model: nn.Module, gm: fx.GraphModule | None = None) -> Coverage:
+    """Which of `model`'s Linear/Conv/Embedding/Conv1D weights and MultiheadAttention projections are
+    call sites of `gm` (traced from it; `fxtune.trace(model)` if None), and why the others are not."""
+    return coverage_of(model, trace(model) if gm is None else gm)
 
 
 def trainable_parameters(gm: nn.Module) -> list[nn.Parameter]:
@@ -29,8 +37,9 @@ def summary_rows(gm: fx.GraphModule) -> list[dict]:
     """One record per call site: its module, weight shape, adapters (with the form used) and counts."""
     rows, counted, seen_all, seen_trainable = [], set(), set(), set()
     structural = set(trainable_names(gm))
-    for site in all_sites(gm):
-        slots = slots_on(gm, site.target, active_only=False)
+    by_weight = slots_by_weight(gm, active_only=False)
+    for site in discover_sites(gm):
+        slots = by_weight.get(site.weight_name, [])
         emitted = [s for s in slots if s.active and not s.merged]
         forms = dict(zip(map(id, emitted), effective_forms(site, emitted)))
         labels = []
@@ -38,20 +47,20 @@ def summary_rows(gm: fx.GraphModule) -> list[dict]:
             form, reason = forms.get(id(slot), ("merged" if slot.merged else "inactive", ""))
             label = f"{slot.adapter}:{slot.kind}[{form}]"
             labels.append(label + (f" ({reason})" if reason and form == "weight" else ""))
-        first = site.target not in counted
-        counted.add(site.target)
+        first = site.weight_name not in counted
+        counted.add(site.weight_name)
         params = sum(s.num_params(seen=seen_all) for s in slots) if first else 0
         trainable = sum(s.num_params(trainable_only=True, seen=seen_trainable) for s in slots) if first else 0
         if first:
             trainable += sum(
-                p.numel() for n, p in site.module.named_parameters() if p.requires_grad and join(site.own.owner, n) in structural
+                p.numel() for n, p in site.module.named_parameters() if p.requires_grad and join(site.use_ref.owner, n) in structural
             )
         rows.append(
             {
                 "site": site.name,
                 "module": site.type_name,
                 "weight": _shape(site.weight_shape),
-                "adapters": ", ".join(labels) if first else f"(shares {site.target})",
+                "adapters": ", ".join(labels) if first else f"(shares {site.weight_name})",
                 "params": params,
                 "trainable": trainable,
                 "adapted": bool(slots),

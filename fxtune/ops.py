@@ -1,18 +1,20 @@
-"""Fused operations that inserted graph code calls, where one kernel beats the plain op sequence.
+"""The functions that fxtune's generated graph code calls (besides torch's and the kinds' own).
 
-`y + s·conv1x1(h, B)` as a separate conv, scale and add writes the site's output-sized tensor
-two or three times; one batched matmul-add (`baddbmm`, `addmm`) writes it once (~5% of a
-resnet50 forward with LoRA on every conv, on CPU). Training in channels-last layout is the
-exception: there the conv's backward is the faster kernel.
+They are plain module-level functions, so the code reads `fxtune_ops_add_channel_mix(...)` and a
+saved graph names them by qualified name. `y + s·conv1x1(h, B)` as a separate conv, scale and
+add writes the site's output-sized tensor two or three times; one batched matmul-add (`baddbmm`,
+`addmm`) writes it once (~5% of a resnet50 forward with LoRA on every conv, on CPU). Training in
+channels-last layout is the exception: there the conv's backward is the faster kernel.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import torch
-from torch import Tensor
-
+from torch import Tensor, nn
+from torch.func import functional_call
 
 _CONV = {3: torch.conv1d, 4: torch.conv2d, 5: torch.conv3d}
 
@@ -40,3 +42,28 @@ def add_feature_mix(y: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tenso
     """y + scale · linear(h, weight) over the last dimension, in one addmm."""
     out = weight.shape[0]
     return torch.addmm(y.reshape(-1, out), h.reshape(-1, weight.shape[1]), weight.t(), alpha=scale).view(y.shape)
+
+
+def with_rows(raw: Tensor, start: int, stop: int, rows: Tensor) -> Tensor:
+    """`raw` with rows start:stop replaced by `rows` (a new tensor; gradients flow to `rows`)."""
+    return torch.cat([raw[:start], rows, raw[stop:]])
+
+
+def keep_index(new: Tensor, old: Tensor, index: Sequence[int], dim: int) -> Tensor:
+    """`new` with the slices `index` along `dim` taken from `old` (an embedding's padding row stays as it was)."""
+    mask = torch.zeros(new.shape[dim], dtype=torch.bool, device=new.device)
+    mask[list(index)] = True
+    shape = [1] * new.dim()
+    shape[dim] = -1
+    return torch.where(mask.view(shape), old, new)
+
+
+def keep_positions(new: Tensor, base: Tensor, indices: Tensor, index: Sequence[int]) -> Tensor:
+    """An embedding's output: `base` where the looked-up index is one never adapted (padding), else `new`."""
+    kept = torch.isin(indices, torch.tensor(list(index), device=indices.device))
+    return torch.where(kept.unsqueeze(-1), base, new)
+
+
+def call_with(module: nn.Module, weights: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+    """Calls `module` with some parameters replaced by `weights` (names relative to it); the module keeps its own."""
+    return functional_call(module, weights, args, kwargs)

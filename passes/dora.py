@@ -33,11 +33,7 @@ from torch import fx, nn
 
 import fxtune
 from fxtune import AdapterError, AdapterKind
-
-
-def _direction(w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """V = W + s·B@A, B@A viewed as W's shape (out, in/groups, *kernel)."""
-    return w + scale * (lora_b.flatten(1) @ lora_a.flatten(1)).view(w.shape)
+from fxtune.kit import branch_is_cheaper, factored_down, plus_factored, rank_and_scale
 
 
 def _row_norm(v: torch.Tensor) -> torch.Tensor:
@@ -49,7 +45,7 @@ def dora_weight(
     w: torch.Tensor, *, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """The meaning: V = W + s·B@A rescaled so row o has norm m[o]; the norm is detached."""
-    v = _direction(w, lora_a, lora_b, scale)
+    v = plus_factored(w, lora_a, lora_b, scale)
     factor = magnitude / _row_norm(v).detach()
     return v * factor.view(-1, *([1] * (w.dim() - 1)))
 
@@ -59,7 +55,7 @@ def dora_factor(
 ) -> torch.Tensor:
     """m / ‖W + s·B@A‖ per output channel, the norm computed without autograd (it is detached)."""
     with torch.no_grad():
-        norm = _row_norm(_direction(w.detach(), lora_a.detach(), lora_b.detach(), scale))
+        norm = _row_norm(plus_factored(w.detach(), lora_a.detach(), lora_b.detach(), scale))
     return magnitude / norm
 
 
@@ -69,10 +65,7 @@ def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.
     w = em.base_weight(role="dora_base_weight")
     tensors = {k: inputs[k] for k in ("lora_a", "lora_b", "magnitude")}
     factor = em.call(dora_factor, w, **tensors, scale=inputs["scale"], role="dora_factor")
-    a, groups = inputs["lora_a"], site.groups
-    if groups > 1:
-        a = em.method("repeat", a, groups, *([1] * (len(site.weight_shape) - 1)), role="lora_a_grouped")
-    down = em.site_call(x, a, groups=groups, role="lora_down")
+    down, groups = factored_down(em, x, inputs["lora_a"], role="lora")
     bias = None
     if site.has_bias:
         bias = em.channel_view(em.base_bias(role="dora_base_bias"), role="dora_bias_view")
@@ -87,34 +80,23 @@ KIND = fxtune.register_kind(
 )
 
 
-def activation_is_cheaper(site: fxtune.Site, r: int) -> bool:
-    """The `form="auto"` rule (LoRA's): the branch's multiply-adds per output position, r·(in·k + out),
-    against the weight gradient the weight form pays, out·(in/groups)·k."""
-    k = site.kernel_volume
-    return r * (site.in_features * k + site.out_features) < site.out_features * (site.in_features // site.groups) * k
-
-
 def _settings(site: fxtune.Site, *, r, alpha, rslora) -> dict:
-    """This site's r, alpha, rslora and scale, each resolved with `fxtune.per_site` and validated."""
-    r = fxtune.per_site(r, site, 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise AdapterError(f"r must be a positive int, got {r!r} for '{site.name}'")
-    alpha = fxtune.per_site(alpha, site, None)
-    alpha = r if alpha is None else alpha
-    rslora = bool(fxtune.per_site(rslora, site, False))
-    return {"r": r, "alpha": alpha, "scale": alpha / math.sqrt(r) if rslora else alpha / r, "rslora": rslora}
+    """This site's r, alpha, rslora and scale (the kit's rank_and_scale), as the slot's config."""
+    r, alpha, rslora, scale = rank_and_scale(site, r=r, alpha=alpha, rslora=rslora)
+    return {"r": r, "alpha": alpha, "scale": scale, "rslora": rslora}
 
 
+@fxtune.register_pass
 def dora(
     gm: fx.GraphModule,
-    targets: fxtune.selection.Selector = None,
+    targets: fxtune.Selector = None,
     *,
     r: int | dict | Callable = 8,
     alpha: float | dict | Callable | None = None,
     rslora: bool | dict | Callable = False,
     form: str = "auto",
     adapter: str = "default",
-    exclude: fxtune.selection.Selector = None,
+    exclude: fxtune.Selector = None,
 ) -> fx.GraphModule:
     """Adds a DoRA adapter (A kaiming-uniform, B zero, m = ‖W‖ per row) to every selected site.
 
@@ -140,7 +122,7 @@ def dora(
         b = weight.new_zeros((site.out_features, rank, *([1] * len(site.kernel_size))))
         chosen = form
         if form == "auto":
-            chosen = "activation" if activation_is_cheaper(site, rank) else "weight"
+            chosen = "activation" if branch_is_cheaper(site, rank) else "weight"
         rw.attach(
             target,
             params={"lora_a": a, "lora_b": b, "magnitude": magnitude},

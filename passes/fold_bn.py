@@ -31,7 +31,7 @@ def why_not_foldable(gm: fx.GraphModule, group: list[fxtune.Site], bn: fx.Node) 
     """Why this site's BatchNorm cannot be folded into it, if so."""
     site, norm = group[0], gm.get_submodule(bn.target)
     if len(group) > 1:
-        return f"'{site.target}' is called {len(group)} times; folding would change its other calls"
+        return f"'{site.weight_name}' is called {len(group)} times; folding would change its other calls"
     if type(site.module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         return f"a {type(site.module).__name__}, whose forward may not be a plain convolution"
     if len(site.node.users) > 1:
@@ -62,8 +62,9 @@ def folded(site: fxtune.Site, weight: torch.Tensor, norm: nn.Module) -> nn.Modul
     return new
 
 
+@fxtune.register_pass
 def fold_bn(
-    gm: fx.GraphModule, targets: fxtune.selection.Selector = None, *, exclude: fxtune.selection.Selector = None
+    gm: fx.GraphModule, targets: fxtune.Selector = None, *, exclude: fxtune.Selector = None
 ) -> fx.GraphModule:
     """Folds every inference-mode BatchNorm that reads a selected conv site's output into that conv.
 

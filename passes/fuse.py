@@ -9,6 +9,7 @@ from torch import fx
 import fxtune
 
 
+@fxtune.register_pass
 def fuse(gm: fx.GraphModule, adapters: Iterable[str] | str | None = None) -> fx.GraphModule:
     """A new GraphModule with the active (or the named) adapters folded in and every adapter gone."""
     return fxtune.fold(gm, adapters)

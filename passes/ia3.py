@@ -67,14 +67,15 @@ KIND = fxtune.register_kind(
 )
 
 
+@fxtune.register_pass
 def ia3(
     gm: fx.GraphModule,
-    targets: fxtune.selection.Selector = None,
+    targets: fxtune.Selector = None,
     *,
     position: str = "output",
     form: str = "activation",
     adapter: str = "default",
-    exclude: fxtune.selection.Selector = None,
+    exclude: fxtune.Selector = None,
 ) -> fx.GraphModule:
     """Adds one IA³ scale vector (ones) per selected weight; returns a new GraphModule.
 

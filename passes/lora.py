@@ -17,20 +17,18 @@ from torch import fx, nn
 
 import fxtune
 from fxtune import AdapterError, AdapterKind
+from fxtune.kit import branch_is_cheaper, checked_fraction, factored_down, plus_factored, rank_and_scale
 
 
 def lora_weight(w: torch.Tensor, *, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """The meaning: W + scale · (B @ A) viewed as W's shape (out, in/groups, *kernel)."""
-    return w + scale * (lora_b.flatten(1) @ lora_a.flatten(1)).view(w.shape)
+    return plus_factored(w, lora_a, lora_b, scale)
 
 
 def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.Node:
     """y + s · B(A(dropout(x))): A with the site's geometry, B as a 1×1 channel mix fused with the add."""
     h = em.module("dropout", x, role="lora_dropout") if inputs["dropout"] > 0 else x
-    a, groups = inputs["lora_a"], em.site.groups
-    if groups > 1:
-        a = em.method("repeat", a, groups, *([1] * (len(em.site.weight_shape) - 1)), role="lora_a_grouped")
-    down = em.site_call(h, a, groups=groups, role="lora_down")
+    down, groups = factored_down(em, h, inputs["lora_a"], role="lora")
     return em.pointwise_add(y, down, inputs["lora_b"], scale=inputs["scale"], groups=groups, role="lora")
 
 
@@ -53,18 +51,14 @@ KIND = fxtune.register_kind(
 )
 
 
-def activation_is_cheaper(site: fxtune.Site, r: int) -> bool:
-    """The `form="auto"` rule, per output position in training: the branch's extra multiply-adds,
-    r·(in·k + out), against the weight gradient the weight form pays, out·(in/groups)·k."""
-    k = site.kernel_volume
-    return r * (site.in_features * k + site.out_features) < site.out_features * (site.in_features // site.groups) * k
+activation_is_cheaper = branch_is_cheaper  # the `form="auto"` rule (the kit's, shared with DoRA)
 
 
 def _factors(site: fxtune.Site, weight: torch.Tensor, r: int, init: str, scale: float):
     """A, B in PEFT's layout, and the new base weight for PiSSA (else None)."""
     shape_a = (r, weight.shape[1], *site.kernel_size)
     shape_b = (site.out_features, r, *([1] * len(site.kernel_size)))
-    if site.kind == "embedding" and init != "pissa":  # PEFT's (and loralib's) embedding init: A zero, B ~ N(0, 1)
+    if site.layer == "embedding" and init != "pissa":  # PEFT's (and loralib's) embedding init: A zero, B ~ N(0, 1)
         return weight.new_zeros(shape_a), torch.randn(shape_b, dtype=weight.dtype, device=weight.device), None
     if init == "default":
         a = nn.init.kaiming_uniform_(torch.empty(shape_a, dtype=weight.dtype, device=weight.device), a=math.sqrt(5))
@@ -76,7 +70,7 @@ def _factors(site: fxtune.Site, weight: torch.Tensor, r: int, init: str, scale: 
     if site.kept is not None:  # entries never adapted (an embedding's padding row) stay out of A, B and the residual
         matrix.index_fill_(site.kept[0], torch.tensor(site.kept[1]), 0.0)
     if r > min(matrix.shape):
-        raise AdapterError(f"init='pissa' needs r <= {min(matrix.shape)} on '{site.target}' (its weight is {tuple(matrix.shape)} as a matrix); got r={r}")
+        raise AdapterError(f"init='pissa' needs r <= {min(matrix.shape)} on '{site.weight_name}' (its weight is {tuple(matrix.shape)} as a matrix); got r={r}")
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = torch.sqrt(s[:r] / scale)
     a = (root[:, None] * vh[:r]).reshape(shape_a).to(weight.dtype)
@@ -92,22 +86,10 @@ def pissa_residual(weight: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, sca
     return (weight.double() - scale * delta.view(weight.shape)).to(weight.dtype)
 
 
-def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _settings(site: fxtune.Site, form: str, *, r, alpha, dropout, rslora, init) -> tuple:
-    """This site's (r, alpha, dropout, rslora, init), each resolved with `fxtune.per_site`, validated."""
-    r = fxtune.per_site(r, site, 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise AdapterError(f"r must be a positive int, got {r!r} for '{site.name}'")
-    alpha = fxtune.per_site(alpha, site, None)
-    alpha = r if alpha is None else alpha
-    if not _finite_number(alpha):
-        raise AdapterError(f"alpha must be a finite number, got {alpha!r} for '{site.name}'")
-    dropout = fxtune.per_site(dropout, site, 0.0)
-    if not _finite_number(dropout) or not 0.0 <= dropout < 1.0:
-        raise AdapterError(f"dropout must be in [0, 1), got {dropout!r} for '{site.name}'")
+    """This site's (r, alpha, dropout, rslora, init, scale), each resolved with `fxtune.per_site`, validated."""
+    r, alpha, rslora, scale = rank_and_scale(site, r=r, alpha=alpha, rslora=rslora)
+    dropout = checked_fraction(dropout, "dropout", site)
     if dropout > 0 and site.input_is_indices:
         raise AdapterError(
             f"dropout={dropout} on '{site.name}' would act on an embedding's input, which is indices; give embeddings "
@@ -121,12 +103,13 @@ def _settings(site: fxtune.Site, form: str, *, r, alpha, dropout, rslora, init) 
     init = fxtune.per_site(init, site, "default")
     if init not in ("default", "gaussian", "pissa"):
         raise AdapterError(f"init must be 'default', 'gaussian' or 'pissa', got {init!r} for '{site.name}'")
-    return r, alpha, dropout, bool(fxtune.per_site(rslora, site, False)), init
+    return r, alpha, dropout, rslora, init, scale
 
 
+@fxtune.register_pass
 def lora(
     gm: fx.GraphModule,
-    targets: fxtune.selection.Selector = None,
+    targets: fxtune.Selector = None,
     *,
     r: int | dict | Callable = 8,
     alpha: float | dict | Callable | None = None,
@@ -135,7 +118,7 @@ def lora(
     init: str | dict | Callable = "default",
     form: str = "auto",
     adapter: str = "default",
-    exclude: fxtune.selection.Selector = None,
+    exclude: fxtune.Selector = None,
 ) -> fx.GraphModule:
     """Adds a LoRA adapter to every selected site; returns a new GraphModule (input untouched).
 
@@ -152,8 +135,7 @@ def lora(
     rw = fxtune.Rewrite(gm, kind="lora", adapter=adapter)
     for target, found in rw.select(targets, exclude=exclude).items():
         site = found[0]
-        r, alpha, dropout, rslora, init = _settings(site, form, **options)
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        r, alpha, dropout, rslora, init, scale = _settings(site, form, **options)
         weight = rw.weight(target)
         a, b, residual = _factors(site, weight, r, init, scale)
         if a.numel() + b.numel() > site.weight_numel:

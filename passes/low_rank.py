@@ -79,7 +79,7 @@ def near_optimal(matrices: torch.Tensor, b: torch.Tensor, a: torch.Tensor, r: in
 
 def _layers(site: fxtune.Site, a: torch.Tensor, b: torch.Tensor) -> list[nn.Module]:
     """The two modules replacing a site, from factors a (G, r, n), b (G, m, r); the site's bias on the second."""
-    mod, cls, width = site.module, _LAYERS[site.kind], a.shape[0] * a.shape[1]
+    mod, cls, width = site.module, _LAYERS[site.layer], a.shape[0] * a.shape[1]
     options = {"device": "meta", "dtype": a.dtype}  # no init work: every parameter is set below
     if site.is_conv:
         geometry = (mod.kernel_size, mod.stride, mod.padding, mod.dilation)
@@ -103,15 +103,16 @@ def _rank(rank: int | float, site: fxtune.Site, round_to: int = 1) -> int:
     return min(r, *matrix_shape(site))
 
 
+@fxtune.register_pass
 def low_rank(
     gm: fx.GraphModule,
-    targets: fxtune.selection.Selector = None,
+    targets: fxtune.Selector = None,
     *,
     rank: int | float = 0.5,
     solver: str = "auto",
     force: bool = False,
     round_to: int = 1,
-    exclude: fxtune.selection.Selector = None,
+    exclude: fxtune.Selector = None,
 ) -> fx.GraphModule:
     """Factorizes every selected Linear/conv into two layers; returns a new GraphModule (input untouched).
 

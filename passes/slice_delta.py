@@ -48,7 +48,7 @@ def _shape(site: fxtune.Site, size: float | tuple[int, int]) -> tuple[int, int]:
         rows, cols = size
         if not 1 <= rows <= n_rows or not 1 <= cols <= n_cols:
             raise AdapterError(
-                f"size={tuple(size)} does not fit '{site.target}', whose weight is {n_rows}×{n_cols} as a "
+                f"size={tuple(size)} does not fit '{site.weight_name}', whose weight is {n_rows}×{n_cols} as a "
                 "matrix (out, in/groups·kernel); pass a smaller (rows, cols) or a fraction, or exclude it"
             )
         return rows, cols
@@ -62,17 +62,17 @@ def _position(site: fxtune.Site, where, shape: tuple[int, int], seed: int) -> tu
     n_rows, n_cols = site.out_features, site.weight_numel // site.out_features
     rows, cols = shape
     if where == "random":
-        rng = random.Random(f"slice_delta/{seed}/{site.target}")  # str seeds hash with sha512: stable
+        rng = random.Random(f"slice_delta/{seed}/{site.weight_name}")  # str seeds hash with sha512: stable
         return rng.randint(0, n_rows - rows), rng.randint(0, n_cols - cols)
     if where == "top-left":
         return 0, 0
-    corner = where.get(site.target) if isinstance(where, Mapping) else where
+    corner = where.get(site.weight_name) if isinstance(where, Mapping) else where
     if corner is None:
-        raise AdapterError(f"where= has no (row_start, col_start) for '{site.target}'; add it to the dict or exclude that site")
+        raise AdapterError(f"where= has no (row_start, col_start) for '{site.weight_name}'; add it to the dict or exclude that site")
     row, col = corner
     if not (0 <= row <= n_rows - rows and 0 <= col <= n_cols - cols):
         raise AdapterError(
-            f"a {rows}×{cols} slice at ({row}, {col}) does not fit '{site.target}', whose weight is "
+            f"a {rows}×{cols} slice at ({row}, {col}) does not fit '{site.weight_name}', whose weight is "
             f"{n_rows}×{n_cols} as a matrix (out, in/groups·kernel); move it or make size smaller"
         )
     return row, col
@@ -98,16 +98,17 @@ def _check(size, op: str, where) -> None:
             raise AdapterError(f"where= corners must be (row_start, col_start) pairs of ints, got {corner!r}")
 
 
+@fxtune.register_pass
 def slice_delta(
     gm: fx.GraphModule,
-    targets: fxtune.selection.Selector = None,
+    targets: fxtune.Selector = None,
     *,
     size: float | tuple[int, int] = 0.1,
     op: str = "add",
     seed: int = 0,
     where: str | tuple[int, int] | Mapping[str, tuple[int, int]] = "random",
     adapter: str = "default",
-    exclude: fxtune.selection.Selector = None,
+    exclude: fxtune.Selector = None,
 ) -> fx.GraphModule:
     """Adds a tuner on one slice of every selected weight; returns a new GraphModule.
 

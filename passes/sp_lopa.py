@@ -17,7 +17,7 @@ registered in every slot of the GraphModule. After `sp_lopa(gm, "fc", block=(2, 
     fc_block_mask = self.fxtune.default.fc.block_mask
     fc_sp_lopa_s_mask = self.fxtune.default.fc.sp_lopa_s_mask
     fc_sp_lopa_weight = fxtune_passes_sp_lopa_sp_lopa_weight(fc_weight, sp_lopa_s = fc_sp_lopa_s, sp_lopa_c = fc_sp_lopa_c, sp_lopa_r = fc_sp_lopa_r, in_mask = fc_in_mask, out_mask = fc_out_mask, block_mask = fc_block_mask, sp_lopa_s_mask = fc_sp_lopa_s_mask)
-    fc_sp_lopa_bias = fxtune_passes_sp_lopa_sp_lopa_bias(fc_bias, out_mask = fc_out_mask)
+    fc_sp_lopa_bias = fxtune_kit_masks_masked_bias(fc_bias, out_mask = fc_out_mask)
     fc = torch._C._nn.linear(x, fc_sp_lopa_weight, fc_sp_lopa_bias)
 """
 
@@ -30,6 +30,7 @@ from torch import fx, nn
 
 import fxtune
 from fxtune import AdapterError, AdapterKind
+from fxtune.kit import masked_bias
 
 INIT_RANGE = 1e-6  # S ~ U(-1e-6, 1e-6), C and R kaiming-uniform: the reference implementation's init
 
@@ -53,10 +54,6 @@ def sp_lopa_weight(
     return torch.where(kept(w, in_mask, out_mask, block_mask), w + delta.view(w.shape), 0.0)
 
 
-def sp_lopa_bias(b: torch.Tensor, *, out_mask: torch.Tensor) -> torch.Tensor:
-    """Masked output channels lose their bias too, so their output is exactly zero."""
-    return torch.where(out_mask, b, 0.0)
-
 
 def kept(w: torch.Tensor, in_mask: torch.Tensor, out_mask: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
     """The entries of W that the channel masks keep and whose block `block_mask` keeps (W's shape)."""
@@ -67,7 +64,7 @@ def kept(w: torch.Tensor, in_mask: torch.Tensor, out_mask: torch.Tensor, block_m
     return (channels & blocks).view(w.shape)
 
 
-KIND = fxtune.register_kind(AdapterKind("sp_lopa", weight=sp_lopa_weight, bias=sp_lopa_bias))
+KIND = fxtune.register_kind(AdapterKind("sp_lopa", weight=sp_lopa_weight, bias=masked_bias))
 
 
 def _prototypes(gm: fx.GraphModule, adapter: str, shapes: dict, like: torch.Tensor) -> dict[str, nn.Parameter]:
@@ -85,16 +82,17 @@ def _prototypes(gm: fx.GraphModule, adapter: str, shapes: dict, like: torch.Tens
     return {n: nn.Parameter(nn.init.kaiming_uniform_(like.new_empty(s), a=math.sqrt(5))) for n, s in shapes.items()}
 
 
+@fxtune.register_pass
 def sp_lopa(
     gm: fx.GraphModule,
-    targets: fxtune.selection.Selector = None,
+    targets: fxtune.Selector = None,
     *,
     r: int = 1,
     num_prototypes: int = 64,
     block: tuple[int, int] = (32, 32),
-    masks: fxtune.masks.MaskSpec = None,
+    masks: fxtune.MaskSpec = None,
     adapter: str = "default",
-    exclude: fxtune.selection.Selector = None,
+    exclude: fxtune.Selector = None,
 ) -> fx.GraphModule:
     """Adds an SPLoPA adapter to every selected site; returns a new GraphModule (input untouched).
 

@@ -15,7 +15,7 @@ reach only masked weights are multiplied by the `sp_lora_c_mask` / `sp_lora_r_ma
     fc_sp_lora_c_mask = self.fxtune.default.fc.sp_lora_c_mask
     fc_sp_lora_r_mask = self.fxtune.default.fc.sp_lora_r_mask
     fc_sp_lora_weight = fxtune_passes_sp_lora_sp_lora_weight(fc_weight, sp_lora_c = fc_sp_lora_c, sp_lora_r = fc_sp_lora_r, in_mask = fc_in_mask, out_mask = fc_out_mask, sp_lora_c_mask = fc_sp_lora_c_mask, sp_lora_r_mask = fc_sp_lora_r_mask, scale = 1.0, centre_tap = False)
-    fc_sp_lora_bias = fxtune_passes_sp_lora_sp_lora_bias(fc_bias, out_mask = fc_out_mask)
+    fc_sp_lora_bias = fxtune_kit_masks_masked_bias(fc_bias, out_mask = fc_out_mask)
     fc = torch._C._nn.linear(x, fc_sp_lora_weight, fc_sp_lora_bias)
 """
 
@@ -24,11 +24,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 import fxtune
 from fxtune import AdapterError, AdapterKind
+from fxtune.kit import centre_tap as at_centre
+from fxtune.kit import masked_bias
 
 INIT_RANGE = 1e-4  # C ~ U(-1e-4, 1e-4), R kaiming-uniform: the reference implementation's init
 
@@ -47,34 +48,25 @@ def sp_lora_weight(
 ) -> torch.Tensor:
     """The meaning: M ⊙ (W + scale · C@R), the delta shaped like W or put at W's centre tap."""
     delta = (sp_lora_c * sp_lora_c_mask) @ (sp_lora_r * sp_lora_r_mask).flatten(1)
-    delta = centre(delta, w) if centre_tap else delta.view(w.shape)
+    delta = at_centre(delta, w) if centre_tap else delta.view(w.shape)
     return torch.where(fxtune.weight_mask(w, in_mask, out_mask), w + scale * delta, 0.0)
 
 
-def sp_lora_bias(b: torch.Tensor, *, out_mask: torch.Tensor) -> torch.Tensor:
-    """Masked output channels lose their bias too, so their output is exactly zero."""
-    return torch.where(out_mask, b, 0.0)
+
+KIND = fxtune.register_kind(AdapterKind("sp_lora", weight=sp_lora_weight, bias=masked_bias))
 
 
-def centre(delta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """An (out, in/groups) delta as a kernel of W's shape, nonzero only at the (odd) kernel's centre."""
-    pad = [k // 2 for k in reversed(w.shape[2:]) for _ in range(2)]
-    return F.pad(delta.view(*delta.shape, *([1] * (w.dim() - 2))), pad)
-
-
-KIND = fxtune.register_kind(AdapterKind("sp_lora", weight=sp_lora_weight, bias=sp_lora_bias))
-
-
+@fxtune.register_pass
 def sp_lora(
     gm: fx.GraphModule,
-    targets: fxtune.selection.Selector = None,
+    targets: fxtune.Selector = None,
     *,
     r: int = 8,
     alpha: float | None = None,
-    masks: fxtune.masks.MaskSpec = None,
+    masks: fxtune.MaskSpec = None,
     centre_tap: bool = False,
     adapter: str = "default",
-    exclude: fxtune.selection.Selector = None,
+    exclude: fxtune.Selector = None,
 ) -> fx.GraphModule:
     """Adds an SPLoRA adapter to every selected site; returns a new GraphModule (input untouched).
 

@@ -13,18 +13,18 @@ counted). After `sp_para(gm, "fc", masks=...)` the site reads:
     fc_out_mask = self.fxtune.default.fc.out_mask
     fc_sp_para_p_mask = self.fxtune.default.fc.sp_para_p_mask
     fc_sp_para_weight = fxtune_passes_sp_para_sp_para_weight(fc_weight, sp_para_p = fc_sp_para_p, in_mask = fc_in_mask, out_mask = fc_out_mask, sp_para_p_mask = fc_sp_para_p_mask)
-    fc_sp_para_bias = fxtune_passes_sp_para_sp_para_bias(fc_bias, out_mask = fc_out_mask)
+    fc_sp_para_bias = fxtune_kit_masks_masked_bias(fc_bias, out_mask = fc_out_mask)
     fc = torch._C._nn.linear(x, fc_sp_para_weight, fc_sp_para_bias)
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 import fxtune
 from fxtune import AdapterError, AdapterKind
+from fxtune.kit import centre_tap, masked_bias
 
 INIT_RANGE = 1e-4  # P ~ U(-1e-4, 1e-4): the reference implementation's init
 
@@ -33,27 +33,22 @@ def sp_para_weight(
     w: torch.Tensor, *, sp_para_p: torch.Tensor, sp_para_p_mask: torch.Tensor, in_mask: torch.Tensor, out_mask: torch.Tensor
 ) -> torch.Tensor:
     """The meaning: M ⊙ (W + P), P at the centre tap of a conv's kernel."""
-    delta = sp_para_p * sp_para_p_mask
-    pad = [k // 2 for k in reversed(w.shape[2:]) for _ in range(2)]
-    delta = F.pad(delta.view(*delta.shape, *([1] * (w.dim() - 2))), pad)
+    delta = centre_tap(sp_para_p * sp_para_p_mask, w)
     return torch.where(fxtune.weight_mask(w, in_mask, out_mask), w + delta, 0.0)
 
 
-def sp_para_bias(b: torch.Tensor, *, out_mask: torch.Tensor) -> torch.Tensor:
-    """Masked output channels lose their bias too, so their output is exactly zero."""
-    return torch.where(out_mask, b, 0.0)
+
+KIND = fxtune.register_kind(AdapterKind("sp_para", weight=sp_para_weight, bias=masked_bias))
 
 
-KIND = fxtune.register_kind(AdapterKind("sp_para", weight=sp_para_weight, bias=sp_para_bias))
-
-
+@fxtune.register_pass
 def sp_para(
     gm: fx.GraphModule,
-    targets: fxtune.selection.Selector = None,
+    targets: fxtune.Selector = None,
     *,
-    masks: fxtune.masks.MaskSpec = None,
+    masks: fxtune.MaskSpec = None,
     adapter: str = "default",
-    exclude: fxtune.selection.Selector = None,
+    exclude: fxtune.Selector = None,
 ) -> fx.GraphModule:
     """Adds an SPPaRA adapter to every selected site; returns a new GraphModule (input untouched).
 

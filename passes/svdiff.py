@@ -56,12 +56,13 @@ def _restore(site: fxtune.Site, weight: torch.Tensor, config: dict, tensors: dic
 KIND = fxtune.register_kind(AdapterKind("svdiff", weight=svdiff_weight, restore=_restore))
 
 
+@fxtune.register_pass
 def svdiff(
     gm: fx.GraphModule,
-    targets: fxtune.selection.Selector = None,
+    targets: fxtune.Selector = None,
     *,
     adapter: str = "default",
-    exclude: fxtune.selection.Selector = None,
+    exclude: fxtune.Selector = None,
 ) -> fx.GraphModule:
     """Adds a trainable shift δ (zeros) of the singular values of every selected weight (per
     group on grouped convs); returns a new GraphModule. Weight form only."""

@@ -7,7 +7,7 @@ import functools
 import pytest
 
 from fxtune import FxtuneError
-from fxtune.cli import main, parse_pass
+from fxtune.cli.command import main, parse_pass
 from fxtune.passes import lora
 
 

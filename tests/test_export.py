@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 import fxtune
 from core_helpers import Gate, Outer, assert_unchanged, lora_slots, randomize_lora, rel_err, snapshot, vision_model
-from fxtune.ownership import same_storage
+from fxtune.graph.ownership import same_storage
 from fxtune.passes import fuse, lora
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxtune.FxtuneWarning")

@@ -200,7 +200,7 @@ def test_two_adapters_switch_and_compose():
     model = net()
     gm = lora(fxtune.trace(model), r=2, adapter="a")
     gm = randomize(lora(gm, targets=["fc1", "conv"], r={"conv": 3}, alpha=lambda s: 6.0, adapter="b"), seed=1)
-    slots = {(s.adapter, s.target): s for s in fxtune.slots.all_slots(gm)}
+    slots = {(s.adapter, s.target): s for s in fxtune.adapter.slots.all_slots(gm)}
     assert slots["b", "conv"].config["r"] == 3 and slots["b", "fc1"].config["r"] == 8
     assert slots["b", "conv"].config["scale"] == 2.0
     a = [s for (name, _), s in slots.items() if name == "a"]

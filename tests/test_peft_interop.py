@@ -23,7 +23,7 @@ import fxtune
 import fxtune.passes  # noqa: F401  (registers the lora kind)
 from core_helpers import assert_unchanged, lora_slots, randomize_lora, rel_err, snapshot, vision_model
 from fxtune.passes import ia3, lora
-from fxtune.peft_format import load_peft
+from fxtune.io.peft_format import load_peft
 
 TOL = 1e-5
 pytestmark = [
@@ -336,7 +336,7 @@ def test_both_formats_in_one_dir_refused(tmp_path):
 
 def test_lora_kind_must_be_registered(tmp_path, monkeypatch):
     _peft_dir(_net(), tmp_path, target_modules=["fc"], r=2)
-    monkeypatch.delitem(fxtune.kinds._REGISTRY, "lora")
+    monkeypatch.delitem(fxtune.adapter.kinds._REGISTRY, "lora")
     _refused(fxtune.trace(_net()), tmp_path, "import fxtune.passes")
 
 

@@ -9,7 +9,7 @@ from torch import fx, nn
 
 import fxtune
 from core_helpers import Gate, Outer, assert_unchanged, frozen, small_net, snapshot, vision_model
-from fxtune.ownership import same_storage
+from fxtune.graph.ownership import same_storage
 
 
 class Flagged(nn.Module):

@@ -1,0 +1,19 @@
+"""The pass-writing kit: everything a technique's file in passes/ needs from the core.
+
+Holds `Rewrite` (adapter passes) and `Restructure` (structural passes) on one base,
+`WorkingCopy`; per-site settings; channel masks; and the pieces several kinds share (factored
+deltas). May import the graph and adapter layers; never io, compose or cli. Everyday task that
+lands here: a pass needs something the core lacks — add it here once, not in two passes.
+"""
+
+from .factored import branch_is_cheaper, checked_fraction, factored_down, plus_factored, rank_and_scale
+from .masks import MaskSpec, centre_tap, channel_masks, masked_bias, weight_mask
+from .restructure import Restructure
+from .rewrite import Rewrite
+from .settings import per_site
+from .working_copy import WorkingCopy
+
+__all__ = [
+    "MaskSpec", "Restructure", "Rewrite", "WorkingCopy", "branch_is_cheaper", "centre_tap", "channel_masks",
+    "checked_fraction", "factored_down", "masked_bias", "per_site", "plus_factored", "rank_and_scale", "weight_mask",
+]

@@ -1,0 +1,97 @@
+"""The working copy an adapter pass edits: select weights, attach adapters, then realise them once.
+
+A pass reads like this (its own code stays about the technique):
+
+    rw = Rewrite(gm, kind="lora", adapter=adapter)
+    for weight, sites in rw.select(targets, exclude=exclude).items():
+        rw.attach(weight, params={"lora_a": a, "lora_b": b}, config={"scale": s}, form="activation")
+    return rw.finish()
+"""
+
+from __future__ import annotations
+
+import keyword
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..adapter.base_weights import replace_base
+from ..adapter.kinds import get_kind
+from ..adapter.realise import rebuild
+from ..adapter.slots import AdapterSlot, add_slot, all_slots, next_order
+from ..errors import AdapterError
+from .working_copy import WorkingCopy
+
+_PLAIN_MODULE = nn.Module()  # adapter names must not shadow its attributes
+
+
+class Rewrite(WorkingCopy):
+    """A pass's own copy of `gm` (input untouched, base frozen) and the adapters of one kind it adds."""
+
+    error = AdapterError
+
+    def __init__(self, gm: fx.GraphModule, *, kind: str, adapter: str = "default"):
+        if not isinstance(adapter, str) or not adapter.isidentifier() or keyword.iskeyword(adapter) or hasattr(_PLAIN_MODULE, adapter):
+            raise AdapterError(
+                f"adapter name {adapter!r} cannot be used: it becomes an attribute in the generated code, so it "
+                "must be a Python identifier that is not a keyword nor an nn.Module attribute (e.g. 'task_a')"
+            )
+        self.kind = get_kind(kind)
+        super().__init__(gm)
+        self.adapter = adapter
+        self.touched: set[str] = set()
+        if not self.kind.companion:
+            other = {s.kind for s in all_slots(self.gm) if s.adapter == adapter and not get_kind(s.kind).companion}
+            other.discard(self.kind.name)
+            if other:
+                raise AdapterError(
+                    f"adapter '{adapter}' is a {other.pop()} adapter; it can only be extended with the same "
+                    f"kind. Give the {self.kind.name} adapter another name: adapter='...'"
+                )
+
+    def replace_base_weight(self, weight_name: str, weight: torch.Tensor) -> None:
+        """Gives the GraphModule's own copy of a weight a new (frozen) canonical value; the model's stays.
+
+        The replaced weight is remembered, so `fxtune.unload` gives back the traced weights.
+        """
+        replace_base(self.store, self.site(weight_name).weight_ref, weight.detach().clone(), by=self.adapter)
+
+    def attach(
+        self,
+        weight_name: str,
+        *,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor] | None = None,
+        modules: dict[str, nn.Module] | None = None,
+        config: dict[str, Any] | None = None,
+        form: str = "weight",
+        reason: str = "",
+        derived: dict[str, torch.Tensor] | None = None,
+    ) -> AdapterSlot:
+        """Adds this pass's adapter on a weight (trainable `params`, fixed `buffers`).
+
+        `derived` tensors are computed from the base weight (e.g. SVD factors): fixed inputs of
+        the transform like `buffers`, but registered non-persistent, so they stay out of the
+        state_dict and the saved adapter; the pass recomputes them from the base weight.
+        """
+        if form not in ("weight", "activation"):
+            raise AdapterError(f"form must be 'weight' or 'activation', got {form!r} for '{weight_name}'")
+        slot = AdapterSlot(self.kind.name, weight_name, self.adapter, config or {}, form, next_order(self.gm))
+        slot.form_reason = reason
+        for name, value in params.items():
+            slot.register_parameter(name, nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format), requires_grad=True))
+        for name, value in (buffers or {}).items():
+            slot.register_buffer(name, value.detach().clone(memory_format=torch.contiguous_format))
+        for name, value in (derived or {}).items():
+            slot.register_buffer(name, value.detach().clone(), persistent=False)
+        for name, module in (modules or {}).items():
+            slot.add_module(name, module)
+        add_slot(self.gm, slot)
+        self.touched.add(weight_name)
+        return slot
+
+    def finish(self) -> fx.GraphModule:
+        """Realises the new adapters as graph code (lint and recompile once) and returns the GraphModule."""
+        rebuild(self.gm, self.sites, self.touched)
+        return self.gm
