@@ -28,8 +28,8 @@ from .inspection import coverage, diff, summary, trainable_parameters
 from .io.adapter_files import load_adapters, save_adapters
 from .io.swap_base import swap_base
 from .kit import MaskSpec, Restructure, Rewrite, channel_masks, per_site, weight_mask
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",

@@ -20,6 +20,7 @@ from ..adapter.slots import AdapterSlot, all_slots, require_adapters
 from ..errors import AdapterError
 from ..graph.discovery import site_table
 from ..kit.rewrite import Rewrite
+from ..version import __version__
 from .peft_format import CONFIG_NAME as PEFT_CONFIG_NAME
 from .peft_format import load_peft, save_peft
 
@@ -65,8 +66,6 @@ def adapter_state(gm: fx.GraphModule, adapter: str) -> tuple[dict, dict[str, tor
     """One adapter of gm as data: a JSON-able description and its tensors (masked entries left out)."""
     require_adapters(gm, adapter)
     slots = [s for s in all_slots(gm) if s.adapter == adapter]
-    from .. import __version__
-
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     table = site_table(gm)
