@@ -82,7 +82,7 @@ KIND = fxtune.register_kind(
 
 def _settings(site: fxtune.Site, *, r, alpha, rslora) -> dict:
     """This site's r, alpha, rslora and scale (the kit's rank_and_scale), as the slot's config."""
-    r, alpha, rslora, scale = rank_and_scale(site, r=r, alpha=alpha, rslora=rslora)
+    r, alpha, rslora, scale = rank_and_scale(site, r=r, alpha=alpha, stabilized=rslora)
     return {"r": r, "alpha": alpha, "scale": scale, "rslora": rslora}
 
 

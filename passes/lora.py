@@ -88,7 +88,7 @@ def pissa_residual(weight: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, sca
 
 def _settings(site: fxtune.Site, form: str, *, r, alpha, dropout, rslora, init) -> tuple:
     """This site's (r, alpha, dropout, rslora, init, scale), each resolved with `fxtune.per_site`, validated."""
-    r, alpha, rslora, scale = rank_and_scale(site, r=r, alpha=alpha, rslora=rslora)
+    r, alpha, rslora, scale = rank_and_scale(site, r=r, alpha=alpha, stabilized=rslora)
     dropout = checked_fraction(dropout, "dropout", site)
     if dropout > 0 and site.input_is_indices:
         raise AdapterError(

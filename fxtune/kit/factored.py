@@ -44,9 +44,9 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def rank_and_scale(site: Site, *, r: Any, alpha: Any, rslora: Any) -> tuple[int, float, bool, float]:
-    """This site's (r, alpha, rslora, scale), each resolved with `per_site` and validated: scale = alpha/r
-    (alpha/sqrt(r) with rslora), alpha defaulting to r."""
+def rank_and_scale(site: Site, *, r: Any, alpha: Any, stabilized: Any) -> tuple[int, float, bool, float]:
+    """This site's (r, alpha, stabilized, scale), each resolved with `per_site` and validated: scale = alpha/r
+    (alpha/sqrt(r) when rank-stabilized), alpha defaulting to r."""
     r = per_site(r, site, 8)
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise AdapterError(f"r must be a positive int, got {r!r} for '{site.name}'")
@@ -54,8 +54,8 @@ def rank_and_scale(site: Site, *, r: Any, alpha: Any, rslora: Any) -> tuple[int,
     alpha = r if alpha is None else alpha
     if not _finite_number(alpha):
         raise AdapterError(f"alpha must be a finite number, got {alpha!r} for '{site.name}'")
-    rslora = bool(per_site(rslora, site, False))
-    return r, alpha, rslora, alpha / math.sqrt(r) if rslora else alpha / r
+    stabilized = bool(per_site(stabilized, site, False))
+    return r, alpha, stabilized, alpha / math.sqrt(r) if stabilized else alpha / r
 
 
 def checked_fraction(value: Any, name: str, site: Site) -> float:
