@@ -74,7 +74,7 @@ def shallow_module_copy(module: nn.Module) -> nn.Module:
     state = module.__dict__.copy()
     for key, value in state.items():
         if key not in _SHARED and isinstance(value, (dict, set)):
-            state[key] = copy.copy(value)
+            state[key] = value.copy()
     new.__dict__.update(state)
     return new
 
