@@ -165,9 +165,12 @@ def bench_model(spec: str, repeats: int, quick: bool) -> dict:
     fw_inner = 1 if quick else 2
 
     # trace + inject vs get_peft_model (PEFT's deepcopy is outside the timed region)
-    setup = {"fxtune": [], "PEFT": []}
+    # floors: fx's own symbolic_trace (no graph tool can skip it) and fxtune.trace alone
+    setup = {"fxtune": [], "PEFT": [], "symbolic_trace": [], "trace": []}
     interleave = [("fxtune", lambda: timed_once(lambda: None, lambda _: fx_inject(model, names))),
-                  ("PEFT", lambda: timed_once(lambda: copy.deepcopy(model), lambda m: peft_inject(m, names)))]
+                  ("PEFT", lambda: timed_once(lambda: copy.deepcopy(model), lambda m: peft_inject(m, names))),
+                  ("symbolic_trace", lambda: timed_once(lambda: None, lambda _: torch.fx.symbolic_trace(model))),
+                  ("trace", lambda: timed_once(lambda: None, lambda _: fxtune.trace(model)))]
     for rep in range(repeats):
         for key, run in interleave if rep % 2 == 0 else reversed(interleave):
             setup[key].append(run())
@@ -238,9 +241,11 @@ def bench_model(spec: str, repeats: int, quick: bool) -> dict:
     pm.eval()
 
     # fuse vs merge_and_unload (merge_and_unload consumes its model: a fresh deepcopy each round)
-    fold = {"fxtune": [], "PEFT": []}
+    # PEFT merges in place, consuming its model; "PEFT copy" is the non-destructive equivalent of fuse
+    fold = {"fxtune": [], "PEFT": [], "PEFT copy": []}
     interleave = [("fxtune", lambda: timed_once(lambda: None, lambda _: fuse(gm))),
-                  ("PEFT", lambda: timed_once(lambda: copy.deepcopy(pm), lambda m: m.merge_and_unload()))]
+                  ("PEFT", lambda: timed_once(lambda: copy.deepcopy(pm), lambda m: m.merge_and_unload())),
+                  ("PEFT copy", lambda: timed_once(lambda: None, lambda _: copy.deepcopy(pm).merge_and_unload()))]
     for rep in range(repeats):
         for key, run in interleave if rep % 2 == 0 else reversed(interleave):
             fold[key].append(run())
@@ -293,14 +298,20 @@ def tables(results: list[dict]) -> tuple[str, str]:
             target, met = targets_for(r["model"].partition(":")[0], measure, fx, pf)
             ratio_rows.append([r["model"], f"{measure} ({note})", ms(med(t["base"])), ms(med(t["fxtune"])),
                                ms(med(t["PEFT"])), f"{fx:.3f}", f"{pf:.3f}", target, met])
-        for op, key in (("trace+lora / get_peft_model", "setup"), ("fuse / merge_and_unload", "fold")):
+        for op, key, ours, theirs in (
+            ("trace+lora / get_peft_model", "setup", "fxtune", "PEFT"),
+            ("floor: fx.symbolic_trace alone / get_peft_model", "setup", "symbolic_trace", "PEFT"),
+            ("fxtune.trace alone / get_peft_model", "setup", "trace", "PEFT"),
+            ("fuse / merge_and_unload", "fold", "fxtune", "PEFT"),
+            ("fuse / deepcopy + merge_and_unload", "fold", "fxtune", "PEFT copy"),
+        ):
             t = r[key]
-            once_rows.append([r["model"], op, ms(med(t["fxtune"])), ms(med(t["PEFT"])),
-                              f"{paired_ratio(t['fxtune'], t['PEFT']):.2f}"])
+            once_rows.append([r["model"], op, ms(med(t[ours])), ms(med(t[theirs])),
+                              f"{paired_ratio(t[ours], t[theirs]):.2f}"])
     ratio = tabulate(ratio_rows, headers=["model", "measurement", "base ms", "fxtune ms", "PEFT ms",
                                           "fxtune ÷ base", "PEFT ÷ base", "target (fxtune ÷ base)", "met"],
                      tablefmt="github", disable_numparse=True)
-    once = tabulate(once_rows, headers=["model", "operation (fxtune / PEFT)", "fxtune ms", "PEFT ms", "fxtune ÷ PEFT"],
+    once = tabulate(once_rows, headers=["model", "operation (fxtune / PEFT)", "fxtune ms", "PEFT ms", "÷"],
                     tablefmt="github", disable_numparse=True)
     return ratio, once
 
