@@ -151,13 +151,16 @@ def _explain(gm: fx.GraphModule, exc: Exception, dynamic: bool) -> str:
     said = said if len(said) <= 400 else said[:400] + " ..."
     text = str(exc)
     hint = "Check that the example inputs are what gm takes, and that gm runs on them."
-    if dynamic and ("batch" in text or "Constraint" in type(exc).__name__ or "specialized" in text):
+    if "data-dependent" in text or "DataDependent" in type(exc).__name__:
+        hint = (
+            "A node branches on tensor values or needs them on the host (e.g. fxtune.batched's plan), which "
+            "export cannot follow; export the GraphModule before batched(), or set_active one adapter."
+        )
+    elif dynamic and ("Constraint" in type(exc).__name__ or "specialized" in text or "Dim('batch')" in text or "batch" in said):
         hint = (
             "The graph fixes the batch size somewhere (e.g. a reshape to a constant batch): export with "
             "dynamic_batch=False for this batch size, or give dynamic_shapes= yourself."
         )
-    elif "data-dependent" in text or "DataDependent" in type(exc).__name__:
-        hint = "A node branches on tensor values (or needs their sizes on the host), which export cannot follow."
     return f"torch.export could not export {type(gm).__name__}\n  {type(exc).__name__}: {said}\n{hint}"
 
 

@@ -18,6 +18,7 @@ from typing import Iterable
 
 import torch
 from torch import fx, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .basekeeping import replaced_by
 from .errors import AdapterError
@@ -69,17 +70,20 @@ def prepare_hotswap(gm: fx.GraphModule, adapters: str | Iterable[str] | None = N
     rebuild(gm, set(originals))
     gm.__dict__[STATE + live] = _Live(source, frozenset())
     for name in bank:
-        _check_code(gm, live, name)
+        if name != source:
+            _check_code(gm, live, name)
     gm.__dict__[STATE + live].checked = frozenset(bank)
     return gm
 
 
-def hotswap(gm: fx.GraphModule, adapter: str, *, live: str = "live", source: fx.GraphModule | None = None) -> None:
+def hotswap(gm: nn.Module, adapter: str, *, live: str = "live", source: fx.GraphModule | None = None) -> None:
     """In place: the live adapter takes the values of `adapter` (of `source`, default `gm` itself).
 
     Before that, the live values go back to the adapter of `gm` they were taken from, so training
     done on the live tensors is kept there. Only tensors fxtune owns are written; no recompile.
+    `gm` may also be what torch.compile or DistributedDataParallel made of the prepared GraphModule.
     """
+    gm = _unwrapped(gm)
     state = _state(gm, live)
     lives = _slots_of(gm, live)
     origin = gm if source is None else source
@@ -106,9 +110,20 @@ def hotswap(gm: fx.GraphModule, adapter: str, *, live: str = "live", source: fx.
     state.source = adapter if origin is gm else None
 
 
-def live_source(gm: fx.GraphModule, *, live: str = "live") -> str | None:
+def live_source(gm: nn.Module, *, live: str = "live") -> str | None:
     """The adapter of `gm` whose values the live adapter holds (None after a swap from another GraphModule)."""
-    return _state(gm, live).source
+    return _state(_unwrapped(gm), live).source
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The GraphModule inside torch.compile's and DistributedDataParallel's wrappers."""
+    while True:
+        if isinstance(module, DistributedDataParallel):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
 
 
 def _state(gm: fx.GraphModule, live: str) -> _Live:

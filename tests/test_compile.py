@@ -16,7 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import fxtune
 from core_helpers import assert_unchanged, snapshot
 from fxtune.hotswap import hotswap, live_source, prepare_hotswap
-from fxtune.passes import ia3, lora
+from fxtune.passes import dora, ia3, lora
 from site_helpers import ia3_64, lora64, randomize, reference, slots
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxtune.FxtuneWarning")
@@ -86,20 +86,34 @@ def test_adapted_graph_compiles_whole_and_training_steps_do_not_recompile():
     assert counter.frame_count == 1
 
 
-@pytest.mark.parametrize("kind", ["lora", "ia3"])
-def test_hotswap_switches_adapters_without_recompiling(kind):
+def dora64(w: torch.Tensor, b, slot) -> tuple:
+    """m · V / ‖V‖ per output row, V = W + s·B@A, in float64."""
+    a, up = slot.lora_a.detach().double().flatten(1), slot.lora_b.detach().double().flatten(1)
+    v = w + slot.config["scale"] * (up @ a).view(w.shape)
+    norm = v.flatten(1).norm(dim=1)
+    return v * (slot.magnitude.detach().double() / norm).view(-1, *([1] * (w.dim() - 1))), b
+
+
+def _with_kind(gm, kind: str, name: str, seed: int):
+    if kind == "lora":
+        return _with_lora(gm, name, seed)
+    if kind == "ia3":
+        gm = ia3(gm, targets=["conv", "fc"], adapter=name)
+    else:
+        gm = dora(dora(gm, targets="conv", r=2, form="activation", adapter=name), targets="fc", r=2, form="weight", adapter=name)
+    randomize(gm, std=0.3, seed=seed, adapter=name)
+    return gm
+
+
+@pytest.mark.parametrize("kind, transform", [("lora", lora64), ("ia3", ia3_64), ("dora", dora64)])
+def test_hotswap_switches_adapters_without_recompiling(kind, transform):
     model, x = _net(), _x()
     gm = fxtune.trace(model)
     for i, name in enumerate("abc"):
-        if kind == "lora":
-            gm = _with_lora(gm, name, seed=i)
-        else:
-            gm = ia3(gm, targets=["conv", "fc"], adapter=name)
-            randomize(gm, std=0.3, seed=i, adapter=name)
+        gm = _with_kind(gm, kind, name, seed=i)
     snap = snapshot(gm)
     live = prepare_hotswap(gm, ["a", "b", "c"])
     assert_unchanged(gm, snap)
-    transform = lora64 if kind == "lora" else ia3_64
     expected = {name: reference(model, live, transform, adapter=name)(x.double()).detach() for name in "abc"}
     counter = _counter()
     compiled = torch.compile(live, backend=counter, fullgraph=True)
@@ -107,7 +121,7 @@ def test_hotswap_switches_adapters_without_recompiling(kind):
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         _assert_matches(compiled(x), expected["a"])  # the first adapter is live after preparing
         for name in "bcab":
-            hotswap(live, name)
+            hotswap(compiled if name == "c" else live, name)  # the compiled wrapper works too
             assert live_source(live) == name
             _assert_matches(compiled(x), expected[name])
     assert counter.frame_count == 1

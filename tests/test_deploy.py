@@ -241,3 +241,28 @@ def test_export_onnx_names_the_extra_when_onnx_is_missing(monkeypatch, tmp_path)
     with pytest.raises(ExportError, match=re.escape('pip install "fxtune[onnx]"')):
         export_onnx(gm, (_inputs((2, *shape)),), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x).reshape(2, -1)  # the traced code keeps the constant 2
+
+
+def test_a_graph_that_fixes_the_batch_size_is_explained():
+    gm = fxtune.trace(FixedBatch())
+    x = _inputs((2, 4))
+    with pytest.raises(ExportError, match="fixes the batch size"):
+        export_program(gm, (x,))
+    with torch.no_grad():
+        _assert_close(export_program(gm, (x,), dynamic_batch=False).module()(x), gm(x), 1e-5)
+
+
+def test_a_batched_graphmodule_is_refused_with_a_reason():
+    _, gm, shape = _case("mlp_lora_weight")
+    mixed = fxtune.batched(lora(gm, r=4, form="weight", adapter="other"), ["default", "other"])
+    with pytest.raises(ExportError, match="host"):
+        export_program(mixed, (_inputs((4, *shape)), torch.tensor([0, 1, -1, 0])))
