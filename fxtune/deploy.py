@@ -79,6 +79,8 @@ def export_onnx(
     path = pathlib.Path(path)
     try:
         onnx_program = torch.onnx.export(program, args, kwargs=kwargs, dynamo=True, verbose=False)
+        if dynamic_batch and dynamic_shapes is None:
+            onnx_program.rename_axes({symbol: "batch" for symbol in _batch_symbols(program)})
         onnx_program.save(path)
     except Exception as exc:  # the ONNX exporter raises many types; all mean "cannot convert this"
         said = next((s.strip() for s in str(exc).splitlines() if s.strip()), type(exc).__name__)
@@ -210,6 +212,13 @@ def _compare(expected: Any, got: Any, tolerance: float, what: str, *, training: 
                 f"{what} does not compute what the GraphModule computes: output {i} differs by up to {diff:.3g} "
                 f"(allowed {bound:.3g}). {hint}"
             )
+
+
+def _batch_symbols(program: ExportedProgram) -> set[str]:
+    """The names torch.export gave the symbolic size of dim 0 of the inputs (e.g. 's31')."""
+    inputs = set(program.graph_signature.user_inputs)
+    values = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in inputs]
+    return {str(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)}
 
 
 def _in_signature_order(gm: fx.GraphModule, kwargs: dict) -> dict:

@@ -125,6 +125,7 @@ def test_export_onnx_runs_in_onnxruntime_like_the_graphmodule(name, tmp_path):
     path = export_onnx(gm, (_inputs((2, *shape)),), tmp_path / "model.onnx")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (entry,) = session.get_inputs()
+    assert entry.shape[0] == "batch"
     for batch in (2, 7):
         x = _inputs((batch, *shape), seed=batch)
         (y,) = session.run(None, {entry.name: x.numpy()})
@@ -173,7 +174,7 @@ def test_export_front_end_bert_to_onnx(tmp_path):
     gm, ids, mask = _bert_gm()
     path = export_onnx(gm, (ids,), tmp_path / "bert.onnx", example_kwargs={"attention_mask": mask})
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("input_ids", ["batch", 7]), ("attention_mask", ["batch", 7])]
     ids_b, mask_b = _tokens(3, seed=3)
     hidden, pooled = session.run(None, {"input_ids": ids_b.numpy(), "attention_mask": mask_b.numpy()})
     with torch.no_grad():
