@@ -109,20 +109,20 @@ def _examples(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, 
     return tuple(example_inputs), dict(example_kwargs or {})
 
 
-def call_with_copy(module: torch.nn.Module, weights: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+def _call_with_copy(module: torch.nn.Module, weights: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
     """`fxtune.weights.call_with` on a plain-dict copy of `weights`: torch.func.functional_call writes
     into the dict it gets, and an fx Interpreter (which torch.export uses) passes the node's immutable one."""
     return call_with(module, dict(weights), *args, **kwargs)
 
 
 def _interpretable(gm: fx.GraphModule) -> fx.GraphModule:
-    """gm, or a GraphModule on gm's own modules whose `call_with` nodes call `call_with_copy` instead."""
+    """gm, or a GraphModule on gm's own modules whose `call_with` nodes call `_call_with_copy` instead."""
     if not any(n.op == "call_function" and n.target is call_with for n in gm.graph.nodes):
         return gm
     graph = copy.deepcopy(gm.graph)
     for node in graph.nodes:
         if node.op == "call_function" and node.target is call_with:
-            node.target = call_with_copy
+            node.target = _call_with_copy
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
@@ -133,11 +133,14 @@ def _batch_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
     except TypeError as exc:
         raise ExportError(f"the example inputs do not fit {type(gm).__name__}.forward: {exc}") from exc
     batch = Dim("batch")
-    small = [name for name, value in bound.items() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] < 2]
+    small = [
+        (name, t.shape[0]) for name, value in bound.items() for t in pytree.tree_leaves(value)
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] < 2
+    ]
     if small:
         raise ExportError(
             f"dynamic_batch=True needs example inputs with a batch of at least 2 (torch.export fixes a size of 0 or 1); "
-            f"input {small[0]!r} has {bound[small[0]].shape[0] if isinstance(bound[small[0]], torch.Tensor) else 'a size < 2'}. "
+            f"input {small[0][0]!r} has {small[0][1]}. "
             "Give a larger example batch, or dynamic_batch=False for a program of that batch size only"
         )
 
