@@ -11,6 +11,8 @@ pass-writing kit, io and compose, the command line; this module re-exports the p
 from typing import Any
 
 from .adapter.batched import batched
+from .adapter.distributed import data_parallel
+from .adapter.hotswap import hotswap, live_source, prepare_hotswap
 from .adapter.emitter import Emitter
 from .adapter.fusion import fold
 from .adapter.kinds import AdapterKind, get_kind, register_kind, registered_kinds
@@ -19,13 +21,16 @@ from .adapter.slots import AdapterSlot
 from .compose.pipeline import Pipeline
 from .compose.registry import get_pass, pass_names, register_pass
 from .compose.strategy import Strategy
-from .errors import AdapterError, FusionError, FxtuneError, FxtuneWarning, SelectionError, StructureError, TraceError, warn
+from .errors import (
+    AdapterError, ExportError, FusionError, FxtuneError, FxtuneWarning, SelectionError, StructureError, TraceError, warn,
+)
 from .frontends.trace import trace
 from .graph.coverage import Coverage
 from .graph.selection import Selector, sites
 from .graph.sites import Site
 from .inspection import coverage, diff, summary, trainable_parameters
 from .io.adapter_files import load_adapters, save_adapters
+from .io.export import export_onnx, export_program
 from .io.swap_base import swap_base
 from .kit import MaskSpec, Restructure, Rewrite, channel_masks, per_site, weight_mask
 from .version import __version__
@@ -38,6 +43,7 @@ __all__ = [
     "AdapterSlot",
     "Coverage",
     "Emitter",
+    "ExportError",
     "FusionError",
     "FxtuneError",
     "FxtuneWarning",
@@ -54,16 +60,22 @@ __all__ = [
     "adapters",
     "batched",
     "channel_masks",
+    "data_parallel",
     "coverage",
     "delete_adapter",
     "diff",
+    "export_onnx",
+    "export_program",
     "fold",
     "get_kind",
     "get_pass",
+    "hotswap",
+    "live_source",
     "load_adapters",
     "merge",
     "pass_names",
     "per_site",
+    "prepare_hotswap",
     "register_kind",
     "register_pass",
     "registered_kinds",

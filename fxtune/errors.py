@@ -28,6 +28,10 @@ class FusionError(FxtuneError):
     """Folding adapters into constant weights was refused (e.g. a non-finite adapter)."""
 
 
+class ExportError(FxtuneError):
+    """A GraphModule could not be exported, or the export computes something else than it does."""
+
+
 class FxtuneWarning(UserWarning):
     """Something works but is probably not what was meant (e.g. an adapter larger than its layer)."""
 

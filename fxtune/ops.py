@@ -65,5 +65,8 @@ def keep_positions(new: Tensor, base: Tensor, indices: Tensor, index: Sequence[i
 
 
 def call_with(module: nn.Module, weights: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:
-    """Calls `module` with some parameters replaced by `weights` (names relative to it); the module keeps its own."""
-    return functional_call(module, weights, args, kwargs)
+    """Calls `module` with some parameters replaced by `weights` (names relative to it); the module keeps its own.
+
+    functional_call writes into the dict it is given, so it gets a copy: an fx Interpreter (which
+    torch.export runs) passes the node's own immutable dict."""
+    return functional_call(module, dict(weights), args, kwargs)

@@ -15,7 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import fxtune
 from core_helpers import assert_unchanged, snapshot
-from fxtune.hotswap import hotswap, live_source, prepare_hotswap
+from fxtune import hotswap, live_source, prepare_hotswap
 from fxtune.passes import dora, ia3, lora
 from site_helpers import ia3_64, lora64, randomize, reference, slots
 

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fxtune
-from fxtune.distributed import data_parallel
+from fxtune import data_parallel
 from fxtune.passes import lora
 
 WORLD = 2

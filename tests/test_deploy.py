@@ -16,7 +16,7 @@ from torch import nn
 
 import fxtune
 from core_helpers import MLP, assert_unchanged, snapshot
-from fxtune.deploy import ExportError, export_onnx, export_program
+from fxtune import ExportError, export_onnx, export_program
 from fxtune.passes import fuse, lora
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxtune.FxtuneWarning")
@@ -234,7 +234,7 @@ def test_dynamic_batch_needs_two_samples_and_a_static_program_keeps_its_batch():
 
 
 def test_export_onnx_names_the_extra_when_onnx_is_missing(monkeypatch, tmp_path):
-    import fxtune.deploy as deploy
+    import fxtune.io.export as deploy
 
     real = deploy.importlib.util.find_spec
     monkeypatch.setattr(deploy.importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))

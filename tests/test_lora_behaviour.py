@@ -305,3 +305,18 @@ def test_inserted_nodes_are_tagged_and_named_after_the_site():
     assert "layer1_0_conv1_lora_a" in {n.name for n in new}
     # the original nodes are all still there, with their names
     assert original <= {n.name for n in adapted.graph.nodes}
+
+
+def test_adapters_added_to_an_eval_graph_are_in_eval_mode():
+    """LoRA dropout on an eval-mode GraphModule is off: two forwards agree (the slots follow gm's mode)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    gm = lora(fxtune.trace(model), r=2, dropout=0.5)
+    with torch.no_grad():
+        for p in fxtune.trainable_parameters(gm):
+            p.normal_()
+    x = torch.randn(8, 4)
+    assert not gm.training and not any(m.training for m in gm.modules())
+    assert torch.equal(gm(x), gm(x))
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))

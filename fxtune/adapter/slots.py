@@ -125,11 +125,11 @@ def add_slot(gm: fx.GraphModule, slot: AdapterSlot) -> str:
     """Installs a slot under the namespace; refuses a second slot of one adapter on one weight."""
     ns = namespace(gm)
     if ns is None:
-        ns = nn.Module()
+        ns = nn.Module().train(gm.training)
         gm.add_module(NAMESPACE, ns)
     group = ns._modules.get(slot.adapter)
     if group is None:
-        group = nn.Module()
+        group = nn.Module().train(gm.training)
         ns.add_module(slot.adapter, group)
     key = identifier(slot.weight_name)
     existing = group._modules.get(key)
@@ -140,7 +140,7 @@ def add_slot(gm: fx.GraphModule, slot: AdapterSlot) -> str:
                 "give the new one another adapter= name"
             )
         raise AdapterError(f"weights '{existing.weight_name}' and '{slot.weight_name}' map to the same key '{key}'")
-    group.add_module(key, slot)
+    group.add_module(key, slot.train(gm.training))  # an eval-mode GraphModule gets eval-mode adapters (dropout off)
     return slot_path(slot)
 
 

@@ -7,7 +7,6 @@ before returning, so a wrong export raises here instead of in production. With
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import inspect
 import os
@@ -19,14 +18,9 @@ from torch import fx
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
-from .errors import FxtuneError, warn
-from .weights import call_with
+from ..errors import ExportError, warn
 
 ONNX_INSTALL = 'pip install "fxtune[onnx]"'
-
-
-class ExportError(FxtuneError):
-    """A GraphModule could not be exported, or the export computes something else than it does."""
 
 
 def export_program(
@@ -48,7 +42,7 @@ def export_program(
     if dynamic_shapes is None and dynamic_batch:
         dynamic_shapes = _batch_shapes(gm, args, kwargs)
     try:
-        program = torch.export.export(_interpretable(gm), args, kwargs, dynamic_shapes=dynamic_shapes)
+        program = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # export raises many types; all mean "cannot export this"
         raise ExportError(_explain(gm, exc, dynamic_batch and dynamic_shapes is not None)) from exc
     expected = _run_kept(gm, gm, args, kwargs)
@@ -107,23 +101,6 @@ def _examples(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, 
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise ExportError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
     return tuple(example_inputs), dict(example_kwargs or {})
-
-
-def _call_with_copy(module: torch.nn.Module, weights: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-    """`fxtune.weights.call_with` on a plain-dict copy of `weights`: torch.func.functional_call writes
-    into the dict it gets, and an fx Interpreter (which torch.export uses) passes the node's immutable one."""
-    return call_with(module, dict(weights), *args, **kwargs)
-
-
-def _interpretable(gm: fx.GraphModule) -> fx.GraphModule:
-    """gm, or a GraphModule on gm's own modules whose `call_with` nodes call `_call_with_copy` instead."""
-    if not any(n.op == "call_function" and n.target is call_with for n in gm.graph.nodes):
-        return gm
-    graph = copy.deepcopy(gm.graph)
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is call_with:
-            node.target = _call_with_copy
-    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 def _batch_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:

@@ -20,16 +20,15 @@ import torch
 from torch import fx, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .basekeeping import replaced_by
-from .errors import AdapterError
-from .folding import site_of
-from .ownership import clone_graph_module
-from .rewrite import rebuild
-from .sites import canonical_sites
+from ..errors import AdapterError
+from ..graph.discovery import site_table
+from ..graph.ownership import RECORD_PREFIX, clone_graph_module
+from ..graph.weights import Weights
+from .base_weights import replaced_by
+from .realise import rebuild
 from .slots import AdapterSlot, add_slot, all_slots
-from .weights import Weights
 
-STATE = "_fxtune_hotswap:"  # + live name: a _Live record in the GraphModule's __dict__ (clones copy it)
+STATE = RECORD_PREFIX + "hotswap:"  # + live name: a _Live record in the GraphModule's __dict__ (clones copy it)
 
 
 @dataclass
@@ -67,7 +66,7 @@ def prepare_hotswap(gm: fx.GraphModule, adapters: str | Iterable[str] | None = N
         twin.adapter, twin.active = live, True
         twin.order = min(_slots_of(gm, name)[target].order for name in bank)
         add_slot(gm, twin)
-    rebuild(gm, set(originals))
+    rebuild(gm, site_table(gm), set(originals))
     gm.__dict__[STATE + live] = _Live(source, frozenset())
     for name in bank:
         if name != source:
@@ -162,7 +161,7 @@ def _bank(gm: fx.GraphModule, adapters: str | Iterable[str] | None) -> list[str]
 
 def _slots_of(gm: nn.Module, adapter: str) -> dict[str, AdapterSlot]:
     """{target: slot} of one adapter, in composition order."""
-    found = {s.target: s for s in all_slots(gm) if s.adapter == adapter}
+    found = {s.weight_name: s for s in all_slots(gm) if s.adapter == adapter}
     if not found:
         names = sorted({s.adapter for s in all_slots(gm)})
         raise AdapterError(f"no adapter named '{adapter}'; this GraphModule has {names}")
@@ -208,7 +207,7 @@ def _check_code(gm: fx.GraphModule, live: str, adapter: str, slots: dict[str, Ad
     for target, twin in _slots_of(scratch, live).items():
         other = slots[target]
         twin.kind, twin.form, twin.form_reason, twin.config = other.kind, other.form, other.form_reason, dict(other.config)
-    rebuild(scratch, set(slots))
+    rebuild(scratch, site_table(scratch), set(slots))
     if scratch.code == gm.code:
         return
     lines = [line.strip() for line in difflib.unified_diff(gm.code.splitlines(), scratch.code.splitlines(), lineterm="", n=0)]
@@ -231,9 +230,9 @@ def _listed(items: list[str], limit: int = 6) -> str:
 
 def _check_base_kept(gm: fx.GraphModule, bank: list[str], slots: dict[str, AdapterSlot]) -> None:
     """Refuses adapters that replaced the base weight (PiSSA): swapping them would need another base."""
-    store, sites = Weights(gm), canonical_sites(gm)
+    store, table = Weights(gm), site_table(gm)
     for target in slots:
-        by = replaced_by(store, site_of(sites, target).ref)
+        by = replaced_by(store, table.first(target, error=AdapterError).weight_ref)
         if by in bank:
             raise AdapterError(
                 f"adapter '{by}' replaced the base weight of '{target}' (e.g. init='pissa'), which hot-swapping "
@@ -245,7 +244,7 @@ def _check_order(gm: fx.GraphModule, bank: list[str], slots: dict[str, AdapterSl
     """Refuses an active adapter acting between two swapped ones on a site: the live one has one place."""
     chosen = set(bank)
     for target in slots:
-        on_site = [s for s in all_slots(gm) if s.target == target]
+        on_site = [s for s in all_slots(gm) if s.weight_name == target]
         orders = [s.order for s in on_site if s.adapter in chosen]
         between = [s.adapter for s in on_site if s.adapter not in chosen and s.active and min(orders) < s.order < max(orders)]
         if between:

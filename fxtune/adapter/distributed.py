@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import FxtuneError
+from ..errors import FxtuneError
 
 
 def data_parallel(gm: fx.GraphModule, **ddp_options: Any) -> DistributedDataParallel:
