@@ -41,6 +41,7 @@ class Rewrite(WorkingCopy):
         super().__init__(gm)
         self.adapter = adapter
         self.touched: set[str] = set()
+        self._order = next_order(self.gm)  # composition order of the next slot
         if not self.kind.companion:
             other = {s.kind for s in all_slots(self.gm) if s.adapter == adapter and not get_kind(s.kind).companion}
             other.discard(self.kind.name)
@@ -77,7 +78,7 @@ class Rewrite(WorkingCopy):
         """
         if form not in ("weight", "activation"):
             raise AdapterError(f"form must be 'weight' or 'activation', got {form!r} for '{weight_name}'")
-        slot = AdapterSlot(self.kind.name, weight_name, self.adapter, config or {}, form, next_order(self.gm))
+        slot = AdapterSlot(self.kind.name, weight_name, self.adapter, config or {}, form, self._order)
         slot.form_reason = reason
         for name, value in params.items():
             slot.register_parameter(name, nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format), requires_grad=True))
@@ -88,6 +89,7 @@ class Rewrite(WorkingCopy):
         for name, module in (modules or {}).items():
             slot.add_module(name, module)
         add_slot(self.gm, slot)
+        self._order += 1
         self.touched.add(weight_name)
         return slot
 
