@@ -26,6 +26,7 @@ from .graph.selection import Selector, sites
 from .graph.sites import Site
 from .inspection import coverage, diff, summary, trainable_parameters
 from .io.adapter_files import load_adapters, save_adapters
+from .io.peft_format import PeftFormat, PeftModule
 from .io.swap_base import swap_base
 from .kit import MaskSpec, Restructure, Rewrite, channel_masks, per_site, weight_mask
 from .version import __version__
@@ -42,6 +43,8 @@ __all__ = [
     "FxtuneError",
     "FxtuneWarning",
     "MaskSpec",
+    "PeftFormat",
+    "PeftModule",
     "Pipeline",
     "Restructure",
     "Rewrite",
