@@ -185,3 +185,22 @@ def test_the_export_frontend_can_be_chosen_for_any_model(capsys):
     argv = ["apply", "core_helpers:MLP", "--frontend", "export", "--input-shape", "3,16", "--pass", "lora:r=2", "--pass", "fuse"]
     assert main(argv) == 0
     assert float(capsys.readouterr().out.rsplit(":", 1)[1]) < 1e-6
+
+
+def test_the_readme_gpt2_example_prints_what_it_shows(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("$ fxtune apply transformers:GPT2LMHeadModel", 1)[1].split("```", 1)[0]
+    command, shown = block.replace("\\\n", " ").split("\n", 1)
+    monkeypatch.chdir(tmp_path)
+    assert main(["apply", "transformers:GPT2LMHeadModel", *command.split()]) == 0
+    printed = capsys.readouterr().out
+
+    def comparable(text):  # the seconds column varies; the |difference| of a fuse is float round-off
+        lines = [line.rsplit(None, 1)[0] if "    " in line else line for line in text.strip().splitlines()]
+        return [line.rsplit(":", 1)[0] if line.startswith("max |fuse") else line for line in lines]
+
+    assert comparable(printed) == comparable(shown)
+    assert float(printed.split("with those tensors:")[1].split()[0]) < 1e-5
+    assert sorted(os.listdir(tmp_path / "gpt2-lora")) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -35,9 +35,12 @@ PEFT_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)
 
 def peft_kind(peft_type: object, where: str) -> AdapterKind:
     """The registered kind whose PEFT mapping reads `peft_type` files."""
-    for kind in registered_kinds().values():
-        if isinstance(kind.peft, PeftFormat) and kind.peft.peft_type == peft_type:
-            return kind
+    claim = [k for k in registered_kinds().values() if isinstance(k.peft, PeftFormat) and k.peft.peft_type == peft_type]
+    if len(claim) > 1:
+        raise AdapterError(f"{where} holds a PEFT {peft_type!r} adapter, and several registered kinds read that peft_type "
+                           f"({', '.join(k.name for k in claim)}); keep one of their mappings")
+    if claim:
+        return claim[0]
     known = sorted(f"{k.name} ({k.peft.peft_type})" for k in registered_kinds().values() if isinstance(k.peft, PeftFormat))
     raise AdapterError(
         f"{where} holds a PEFT {peft_type!r} adapter, and no registered adapter kind reads that peft_type "

@@ -69,7 +69,7 @@ class PeftFormat:
 
     def to_peft(self, slot: AdapterSlot, site: Site) -> PeftModule:
         """One slot as PEFT's tensors (named as in `tensor_names`) and its per-module settings."""
-        raise NotImplementedError(f"{type(self).__name__} does not write PEFT's format")
+        raise AdapterError(f"{type(self).__name__} (the PEFT mapping of '{slot.kind}') writes no PEFT files; save with format='fxtune'")
 
     def adapter_config(self, modules: dict[str, PeftModule], module_names: list[str]) -> dict:
         """The kind's own adapter_config.json keys for these modules (`module_names`: every module
@@ -79,7 +79,7 @@ class PeftFormat:
     def from_peft(self, module: str, site: Site, tensors: dict[str, torch.Tensor], config: dict) -> dict | str:
         """The `Rewrite.attach` arguments (params, buffers, config) re-creating PEFT's layer at
         `module`, whose tensors are `tensors` (every name in `tensor_names`); or why it cannot."""
-        raise NotImplementedError(f"{type(self).__name__} does not read PEFT's format")
+        raise AdapterError(f"{type(self).__name__} reads no PEFT {self.peft_type} files (its from_peft is not defined)")
 
     def settings_problems(self, config: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
         """Where a slot's settings contradict its tensors or each other (e.g. a rank that is not the
