@@ -119,6 +119,7 @@ class LoraPeft(fxtune.PeftFormat):
             "lora_dropout": self.one_value(modules, "lora_dropout"), "use_rslora": self.one_value(modules, "use_rslora"),
             "fan_in_fan_out": any(pm.settings["fan_in_fan_out"] for pm in modules.values()),
             "bias": "none", "init_lora_weights": True, "use_dora": False, "lora_bias": False,
+            "layers_to_transform": None, "layers_pattern": None,
         }
 
     def from_peft(self, module: str, site: fxtune.Site, tensors: dict, config: dict) -> dict | str:

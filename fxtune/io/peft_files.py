@@ -251,7 +251,7 @@ def save_peft(
     config = {
         "peft_type": fmt.peft_type, "task_type": None, "base_model_name_or_path": None, "revision": None,
         "inference_mode": True, "target_modules": target_modules(list(modules), names), "exclude_modules": None,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, **own,
+        "modules_to_save": None, **own,
     }
     tensors = {f"{PREFIX}{m}.{name}": t.detach().clone().contiguous() for m, pm in modules.items() for name, t in pm.tensors.items()}
     forms = json.dumps({s.target: s.form for s in slots})
