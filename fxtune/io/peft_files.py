@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from torch import fx
@@ -149,7 +150,7 @@ def _plan(gm: fx.GraphModule, config: dict, kind: AdapterKind, tensors: dict[str
     found = _split(tensors, fmt, problems)
     try:
         selected = _selected(gm, config, set(found))
-    except Exception as exc:  # re.error, or a non-string in the module lists
+    except (re.error, TypeError, AttributeError) as exc:  # a bad regex, or a non-string in the module lists
         return {}, [*problems, f"target_modules / exclude_modules cannot be matched ({exc}); they must be a regular expression or a list of names"]
     if not selected:
         problems.append(f"target_modules={config['target_modules']!r} selects no module of this model")
