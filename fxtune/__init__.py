@@ -31,6 +31,7 @@ from .graph.sites import Site
 from .inspection import coverage, diff, summary, trainable_parameters
 from .io.adapter_files import load_adapters, save_adapters
 from .io.export import export_onnx, export_program
+from .io.peft_format import PeftFormat, PeftModule
 from .io.swap_base import swap_base
 from .kit import MaskSpec, Restructure, Rewrite, channel_masks, per_site, weight_mask
 from .version import __version__
@@ -48,6 +49,8 @@ __all__ = [
     "FxtuneError",
     "FxtuneWarning",
     "MaskSpec",
+    "PeftFormat",
+    "PeftModule",
     "Pipeline",
     "Restructure",
     "Rewrite",

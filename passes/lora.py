@@ -10,6 +10,7 @@ gets (B@A)ᵀ, PEFT's lora_embedding_A/B; the activation form looks x up in Aᵀ
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable
 
 import torch
@@ -46,8 +47,137 @@ def _needs_activations(config: dict) -> str | None:
     return f"its dropout={config['dropout']} acts on the input activations" if config["dropout"] > 0 else None
 
 
+class LoraPeft(fxtune.PeftFormat):
+    """LoRA in PEFT's format: per module `lora_A.weight` / `lora_B.weight` (fxtune's A, B as they are;
+    on a transformers Conv1D too, PEFT's fan_in_fan_out), r and lora_alpha per module via patterns."""
+
+    peft_type = "LORA"
+    tensor_names = ("lora_A.weight", "lora_B.weight")
+    config_keys = frozenset({"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "bias", "init_lora_weights"})
+    # no effect on what plain LoRA computes: PEFT sets fan_in_fan_out per layer type itself; the
+    # init configs' whole effect is already in the saved tensors
+    inert_keys = frozenset({"fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
+                            "loftq_config", "eva_config", "corda_config", "lora_ga_config"})
+    feature_names = {
+        "use_dora": "DoRA (use_dora)", "lora_bias": "a bias on lora_B (lora_bias)",
+        "target_parameters": "LoRA on bare parameters (target_parameters)", "layer_replication": "layer_replication",
+        "trainable_token_indices": "trainable tokens (trainable_token_indices)", "alora_invocation_tokens": "aLoRA",
+        "use_qalora": "QALoRA", "megatron_config": "Megatron parallel layers", "use_bdlora": "BD-LoRA",
+        "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA", "velora_config": "VeLoRA",
+    }
+    BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")  # inits whose A, B belong on a changed base
+    SETTINGS = ("r", "alpha", "scale", "rslora", "init", "dropout")
+
+    def site_problem(self, site: fxtune.Site) -> str | None:
+        """Where PEFT's LoRA layer is not W + s·B@A on this weight: other layer types, and conv geometry
+        PEFT's lora_A does not copy."""
+        module, geometry = site.module, site.geometry
+        if type(module).__name__ != "Conv1D" and not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return (f"a {type(module).__name__} weight ({site.layer}); PEFT's format here holds LoRA on Linear/Conv layers "
+                    "and transformers' Conv1D only (save with format='fxtune')")
+        if geometry.groups != 1:
+            return (f"a grouped conv (groups={geometry.groups}): PEFT's LoRA there is a full conv in→r and a "
+                    "grouped 1×1 conv, not a delta on this weight")
+        if any(d != 1 for d in _as_tuple(geometry.dilation)):
+            return f"dilation={tuple(_as_tuple(geometry.dilation))}: PEFT's lora_A ignores the layer's dilation"
+        if geometry.padding_mode != "zeros":
+            return f"padding_mode={geometry.padding_mode!r}: PEFT's lora_A pads with zeros"
+        return None
+
+    def config_problems(self, config: dict) -> list[str]:
+        refused = []
+        if config.get("bias", "none") != "none":
+            refused.append(f"bias={config['bias']!r} (trainable base biases)")
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.startswith(self.BASE_CHANGING):
+            refused.append(f"init_lora_weights={init!r} (its factors belong on a changed base weight; "
+                           "convert it to plain LoRA in PEFT first)")
+        return refused
+
+    def to_peft(self, slot: fxtune.AdapterSlot, site: fxtune.Site) -> fxtune.PeftModule:
+        """A and B as PEFT applies them to the original weight. A PiSSA slot acts on a residual base;
+        its delta to the original, s·(B@A − B0@A0), is written as PEFT converts PiSSA: the rank-2r
+        LoRA [A; A0], [B, −B0], with alpha keeping s unchanged."""
+        a, b = slot.lora_a.detach(), slot.lora_b.detach()
+        r, alpha, rslora = slot.config["r"], slot.config["alpha"], slot.config["rslora"]
+        if slot.config.get("init") == "pissa":
+            a = torch.cat([a, slot.pissa_a0.detach()], 0)
+            b = torch.cat([b, -slot.pissa_b0.detach()], 1)
+            r, alpha = 2 * r, alpha * math.sqrt(2) if rslora else 2 * alpha
+        settings = {"r": r, "lora_alpha": alpha, "lora_dropout": slot.config["dropout"], "use_rslora": bool(rslora),
+                    "fan_in_fan_out": type(site.module).__name__ == "Conv1D"}
+        return fxtune.PeftModule({"lora_A.weight": a, "lora_B.weight": b}, settings)
+
+    def keeps_replaced_base(self, slot: fxtune.AdapterSlot) -> bool:
+        return slot.config.get("init") == "pissa"
+
+    def adapter_config(self, modules: dict, module_names: list[str]) -> dict:
+        r, rank_pattern = self.per_module({m: pm.settings["r"] for m, pm in modules.items()}, module_names)
+        alpha, alpha_pattern = self.per_module({m: pm.settings["lora_alpha"] for m, pm in modules.items()}, module_names)
+        return {
+            "r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "lora_dropout": self.one_value(modules, "lora_dropout"), "use_rslora": self.one_value(modules, "use_rslora"),
+            "fan_in_fan_out": any(pm.settings["fan_in_fan_out"] for pm in modules.values()),
+            "bias": "none", "init_lora_weights": True, "use_dora": False, "lora_bias": False,
+            "layers_to_transform": None, "layers_pattern": None,
+        }
+
+    def from_peft(self, module: str, site: fxtune.Site, tensors: dict, config: dict) -> dict | str:
+        try:
+            r = self.pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+            alpha = self.pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+        except (re.error, TypeError) as e:
+            return f"rank_pattern / alpha_pattern is not a valid regular expression: {e}"
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            return f"r={r!r}, lora_alpha={alpha!r}; r must be a positive int and alpha a number"
+        a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+        want = _factor_shapes(site, r)
+        if (tuple(a.shape), tuple(b.shape)) != want:
+            return (f"lora_A {list(a.shape)}, lora_B {list(b.shape)} in the file; its weight {list(site.shape)} "
+                    f"(out, in, *kernel) with r={r} needs {list(want[0])} and {list(want[1])}")
+        dropout, rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1 or not isinstance(rslora, bool):
+            return f"lora_dropout={dropout!r}, use_rslora={rslora!r}; dropout must be in [0, 1) and use_rslora a bool"
+        init = "gaussian" if config.get("init_lora_weights", True) == "gaussian" else "default"
+        settings = {"r": r, "alpha": alpha, "scale": alpha / math.sqrt(r) if rslora else alpha / r,
+                    "rslora": rslora, "init": init, "dropout": float(dropout)}
+        return {"params": {"lora_a": a, "lora_b": b}, "config": settings}
+
+    def settings_problems(self, config: dict, tensors: dict) -> list[str]:
+        """r must be the factors' rank and scale what alpha, r and rslora give, else a re-export to PEFT
+        (which reads r and alpha) would compute something other than fxtune (which uses scale)."""
+        problems = [f"setting '{k}' is missing" for k in self.SETTINGS if k not in config]
+        problems += [f"unknown setting '{k}' (LoRA's settings: {', '.join(self.SETTINGS)})" for k in config if k not in self.SETTINGS]
+        if problems:
+            return problems
+        r, alpha, a, b = config["r"], config["alpha"], tensors.get("lora_a"), tensors.get("lora_b")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            return [f"r={r!r}, alpha={alpha!r}; r must be a positive int and alpha a number"]
+        if a is not None and b is not None and (a.shape[0] != r or b.shape[1] != r):
+            problems.append(f"r={r}, but lora_a {list(a.shape)} and lora_b {list(b.shape)} have rank {a.shape[0]}")
+        expected = alpha / math.sqrt(r) if config["rslora"] else alpha / r
+        if not isinstance(config["scale"], (int, float)) or not math.isclose(config["scale"], expected, rel_tol=1e-9):
+            problems.append(f"scale={config['scale']!r}, but alpha={alpha}, r={r}, rslora={config['rslora']} give {expected!r}")
+        if (config["init"] == "pissa") != ("pissa_a0" in tensors):
+            problems.append(f"init={config['init']!r} does not fit its tensors ({sorted(tensors)})")
+        return problems
+
+
+def _as_tuple(value) -> tuple:
+    """A conv setting as a tuple (an int stands for every spatial dimension)."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _factor_shapes(site: fxtune.Site, r: int) -> tuple[tuple, tuple]:
+    """A and B shapes in PEFT's (and fxtune's) layout for this site's canonical weight (groups = 1)."""
+    kernel = tuple(site.kernel_size)
+    return (r, site.shape[1], *kernel), (site.shape[0], r, *([1] * len(kernel)))
+
+
 KIND = fxtune.register_kind(
-    AdapterKind("lora", weight=lora_weight, activation=_activation, restore=_restore, weight_blocker=_needs_activations)
+    AdapterKind(
+        "lora", weight=lora_weight, activation=_activation, restore=_restore, weight_blocker=_needs_activations, peft=LoraPeft()
+    )
 )
 
 

@@ -23,7 +23,7 @@ import fxtune
 import fxtune.passes  # noqa: F401  (registers the lora kind)
 from core_helpers import assert_unchanged, lora_slots, randomize_lora, rel_err, snapshot, vision_model
 from fxtune.passes import ia3, lora
-from fxtune.io.peft_format import load_peft
+from fxtune.io.peft_files import load_peft
 
 TOL = 1e-5
 pytestmark = [
@@ -329,9 +329,26 @@ def test_pickle_only_dir_refused(tmp_path):
 
 def test_both_formats_in_one_dir_refused(tmp_path):
     gm = _fx_lora(_net(), targets=["fc"], r=2)
-    fxtune.save_adapters(gm, str(tmp_path), format="peft")
-    fxtune.save_adapters(gm, str(tmp_path))
-    _refused(fxtune.trace(_net()), tmp_path, "adapters.json", "adapter_config.json")
+    fxtune.save_adapters(gm, str(tmp_path / "peft"), format="peft")
+    fxtune.save_adapters(gm, str(tmp_path / "fx"))
+    os.replace(tmp_path / "fx" / "adapters.json", tmp_path / "peft" / "adapters.json")  # mixed by hand
+    _refused(fxtune.trace(_net()), tmp_path / "peft", "adapters.json", "adapter_config.json")
+
+
+@pytest.mark.parametrize("first,second", [("peft", "fxtune"), ("fxtune", "peft")])
+def test_saving_into_another_formats_dir_is_refused_unless_overwrite(first, second, tmp_path):
+    """Before, the second save wrote its files beside the first's: a directory load_adapters refuses."""
+    base, x = _net(), _x()
+    gm = _fx_lora(base, targets=["fc"], r=2)
+    fxtune.save_adapters(gm, str(tmp_path), format=first)
+    before = {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)}
+    with pytest.raises(fxtune.AdapterError, match="already holds .*overwrite=True"):
+        fxtune.save_adapters(gm, str(tmp_path), format=second)
+    assert {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)} == before
+    fxtune.save_adapters(gm, str(tmp_path), format=second, overwrite=True)
+    assert len(os.listdir(tmp_path)) == 2 and not set(os.listdir(tmp_path)) & set(before)
+    with torch.no_grad():
+        assert torch.equal(fxtune.load_adapters(fxtune.trace(base), str(tmp_path)).eval()(x), gm(x))
 
 
 def test_lora_kind_must_be_registered(tmp_path, monkeypatch):

@@ -91,10 +91,23 @@ def _check_bias(site: Site, slots: list[AdapterSlot]) -> None:
         )
 
 
+def _check_values(site: Site, weight: torch.Tensor, slots: list[AdapterSlot]) -> None:
+    """Folding needs values: a weight or adapter tensor on the meta device has none."""
+    meta = ["the base weight"] if weight.is_meta else []
+    meta += [f"'{k}' of adapter '{s.adapter}'" for s in slots for k, v in s.inputs().items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if meta:
+        raise FusionError(
+            f"'{site.name}': {', '.join(meta)} {'is' if len(meta) == 1 else 'are'} on the meta device (shapes without values), "
+            "so there is nothing to fold. Load real weights first (e.g. model.load_state_dict(state, assign=True) "
+            "before tracing, then fxtune.load_adapters), then fuse or merge"
+        )
+
+
 def fold_site(store: Weights, site: Site, slots: list[AdapterSlot]) -> None:
     """Writes W' (and b') of `slots` into the site's weight as new tensors: what fuse and merge share."""
     _check_bias(site, slots)
     weight, bias = store.read(site.weight_ref)
+    _check_values(site, weight, slots)
     store.write(site.weight_ref, *folded_tensors(weight, bias, slots, site.kept))
 
 

@@ -38,8 +38,10 @@ class AdapterKind:
                                      the input side leaves it alone); no bias node is emitted or folded if not
     companion                        True for kinds that may join a named adapter of any kind (whole-layer
                                      copies trained with it); a named adapter is otherwise of one kind
-    peft                             optional, how this kind reads and writes PEFT's adapter format (an object
-                                     with `peft_type`, see io/peft_format.py's PeftMapping)
+    peft                             optional, how this kind reads and writes PEFT's adapter directories: an
+                                     instance of a `fxtune.PeftFormat` subclass (io/peft_format.py) naming its
+                                     peft_type, tensors and settings; it also checks, on loading fxtune's own
+                                     files, that the settings fit the tensors (`settings_problems`)
     `inputs` holds the adapter's tensors (parameters and persistent buffers) and its settings.
     """
 

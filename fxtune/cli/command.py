@@ -2,6 +2,7 @@
 
     fxtune show torchvision:resnet18
     fxtune apply torchvision:resnet18 --pass lora:r=8,targets=layer4.* --pass fuse --summary --diff
+    fxtune apply transformers:GPT2Config --model-kwargs n_layer=2,n_embd=64 --input-shape 2,16 --pass lora:r=4 --out out/
     fxtune demo
 """
 
@@ -11,33 +12,19 @@ import argparse
 import functools
 import inspect
 import sys
-from typing import Any
 
 import torch
+from torch import fx, nn
 
 from ..compose.pipeline import Pipeline
 from ..compose.registry import get_pass, pass_options
 from ..errors import FxtuneError
 from ..frontends.trace import trace
 from ..inspection import diff, summary
-from .model_specs import DEFAULT_MODEL, load_model
-
-
-def _value(text: str) -> Any:
-    """A CLI option value: int, float, true/false/none, a `;`-separated list, else the string."""
-    if ";" in text:
-        return [_value(t) for t in text.split(";") if t]
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+from ..version import __version__
+from .model_specs import DEFAULT_MODEL, FORMS, default_frontend, load_model
+from .options import example_input, input_dtype, parse_keywords, parse_shape, parse_value
+from .results import change_report, write_result
 
 
 def parse_pass(spec: str) -> functools.partial:
@@ -49,7 +36,7 @@ def parse_pass(spec: str) -> functools.partial:
         key, eq, value = item.partition("=")
         if not eq:
             raise FxtuneError(f"pass option {item!r} in {spec!r} should be key=value")
-        kwargs[key.strip()] = _value(value.strip())
+        kwargs[key.strip()] = parse_value(value.strip())
     try:
         inspect.signature(fn).bind_partial(None, **kwargs)
     except TypeError:
@@ -58,20 +45,31 @@ def parse_pass(spec: str) -> functools.partial:
     return functools.partial(fn, **kwargs)
 
 
-def _input_shape(text: str) -> tuple[int, ...]:
-    return tuple(int(d) for d in text.split(","))
+def _traced(args: argparse.Namespace) -> tuple[nn.Module, fx.GraphModule, torch.Tensor | None]:
+    """(model, its GraphModule, the example input or None), as the common options ask."""
+    torch.manual_seed(args.seed)  # random weights and adapter inits, reproducible run to run
+    model = load_model(args.model, parse_keywords(args.model_kwargs, "--model-kwargs")).eval()
+    x = None
+    if args.input_shape:
+        x = example_input(model, parse_shape(args.input_shape), input_dtype(args.input_dtype, model))
+    frontend = default_frontend(args.model) if args.frontend == "auto" else args.frontend
+    if frontend == "export":
+        if x is None:
+            raise FxtuneError("--frontend export runs the model once on an example input: give --input-shape, e.g. "
+                              "2,16 for token ids or 1,3,224,224 for images")
+        return model, trace(model, frontend="export", example_inputs=(x,)), x
+    return model, trace(model, frontend=frontend), x
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    gm = trace(load_model(args.model))
+    _, gm, _ = _traced(args)
     print(summary(gm))
     if args.code:
         print(gm.code)
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    model = load_model(args.model).eval()
-    traced = trace(model)
+    model, traced, x = _traced(args)
     pipeline = Pipeline([parse_pass(p) for p in args.passes])
     result = pipeline.run(traced)
     print(pipeline.report())
@@ -81,11 +79,12 @@ def cmd_apply(args: argparse.Namespace) -> None:
     if args.diff:
         print()
         print(diff(traced, result) or "(generated code identical to the traced model's)")
-    if args.input_shape:
-        x = torch.randn(_input_shape(args.input_shape))
-        with torch.no_grad():
-            err = (result.eval()(x) - model(x)).abs().max().item()
-        print(f"\nmax |result - model| on a random input of shape {tuple(x.shape)}: {err:.3g}")
+    if x is not None:
+        print()
+        print("\n".join(change_report(model, result, x)))
+    if args.out:
+        written = write_result(result, args.out, format=args.format, overwrite=args.overwrite)
+        print("\nwrote " + "\nwrote ".join(written))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -94,20 +93,40 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(steps=args.steps)
 
 
+def _model_options() -> argparse.ArgumentParser:
+    """The options `show` and `apply` share: which model, how to build it, how to trace it."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{FORMS} (default {DEFAULT_MODEL})")
+    common.add_argument("--model-kwargs", metavar="JSON|k=v,...",
+                        help='keyword arguments for the model (or its config): {"num_classes": 10} or n_layer=2,n_embd=64')
+    common.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
+                        help="fx = symbolic tracing, export = torch.export on the example input "
+                             "(auto: export for transformers:..., fx otherwise)")
+    common.add_argument("--input-shape", metavar="N,C,H,W",
+                        help="an example input's shape (export traces on it; apply compares result and model on it)")
+    common.add_argument("--input-dtype", default="auto",
+                        help="the example input's dtype; integer dtypes draw token ids below the vocabulary size "
+                             "(auto: int64 for models with config.vocab_size, else float32)")
+    common.add_argument("--seed", type=int, default=0, help="seed of the random weights, adapter inits and input (default 0)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxtune", description="torch.fx passes for parameter-efficient fine-tuning")
+    parser.add_argument("--version", action="version", version=f"fxtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("show", help="trace a model and list its call sites")
-    show.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="torchvision:NAME or package.module:factory")
+    common = _model_options()
+    show = sub.add_parser("show", parents=[common], help="trace a model and list its call sites")
     show.add_argument("--code", action="store_true", help="also print the traced code")
     show.set_defaults(run=cmd_show)
-    apply = sub.add_parser("apply", help="trace a model and run passes on it")
-    apply.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    apply = sub.add_parser("apply", parents=[common], help="trace a model and run passes on it")
     apply.add_argument("--pass", dest="passes", action="append", required=True, metavar="NAME[:k=v,...]",
                        help="a pass and its options, e.g. lora:r=8,targets=layer4.*; repeat to chain")
     apply.add_argument("--summary", action="store_true", help="print the sites table of the result")
     apply.add_argument("--diff", action="store_true", help="print the code diff traced -> result")
-    apply.add_argument("--input-shape", metavar="N,C,H,W", help="run result and model on a random input and compare")
+    apply.add_argument("--out", metavar="DIR", help="write the result's adapters into DIR (others than 'default' into DIR/NAME)")
+    apply.add_argument("--format", choices=("fxtune", "peft"), default="fxtune", help="adapter file format for --out")
+    apply.add_argument("--overwrite", action="store_true", help="with --out: replace another format's files there")
     apply.set_defaults(run=cmd_apply)
     demo = sub.add_parser("demo", help="trace, LoRA, train a few steps, fuse and verify resnet18")
     demo.add_argument("--steps", type=int, default=8)

@@ -1,8 +1,11 @@
 """Adapter files: `adapters.safetensors` + `adapters.json`, re-created on a freshly traced model.
 
 Nothing is unpickled or executed: the JSON names kinds (which must be registered) and
-settings; the safetensors file holds the tensors. Masked parameter entries are not stored.
-Tensor keys are `<target>.<name>`, e.g. `layer4.0.conv1.lora_a`.
+settings; the safetensors file holds the tensors and a copy of each slot's settings, so a
+hand-edited JSON is caught. Masked parameter entries are not stored. Tensor keys are
+`<target>.<name>`, e.g. `layer4.0.conv1.<tensor name>`. Files are strict: the JSON follows a schema
+(adapter_schema.py), shapes, dtypes and the settings the tensors imply are checked, and adapters
+take the dtype of the weights they adapt.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import os
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import fx
 
 from ..adapter.kinds import get_kind, registered_kinds
@@ -21,12 +23,15 @@ from ..errors import AdapterError
 from ..graph.discovery import site_table
 from ..kit.rewrite import Rewrite
 from ..version import __version__
+from .adapter_schema import FORMAT, FORMAT_VERSION, schema_problems
+from .files import cast_like, json_metadata, json_writer, prepare_directory, read_json, read_safetensors, safetensors_writer, write_files
+from .peft_files import PEFT_FILES, load_peft, save_peft
 from .peft_format import CONFIG_NAME as PEFT_CONFIG_NAME
-from .peft_format import load_peft, save_peft
+from .peft_format import PeftFormat
 
-FORMAT = "fxtune.adapter"
-FORMAT_VERSION = 1
 JSON_NAME, TENSORS_NAME = "adapters.json", "adapters.safetensors"
+FXTUNE_FILES = (JSON_NAME, TENSORS_NAME)
+SETTINGS_KEY = "fxtune.settings"  # safetensors metadata: each slot's config as saved, to catch a hand-edited JSON
 
 
 def _mask_for(slot: AdapterSlot, name: str) -> torch.Tensor | None:
@@ -74,38 +79,92 @@ def adapter_state(gm: fx.GraphModule, adapter: str) -> tuple[dict, dict[str, tor
     return meta, tensors
 
 
-def save_fxtune(gm: fx.GraphModule, path: str, adapter: str) -> None:
+def save_fxtune(gm: fx.GraphModule, path: str, adapter: str, *, overwrite: bool = False) -> None:
     """Writes one adapter of gm into the directory `path` in fxtune's own format."""
     meta, tensors = adapter_state(gm, adapter)
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, TENSORS_NAME), metadata={"format": FORMAT})
-    with open(os.path.join(path, JSON_NAME), "w") as f:
-        json.dump(meta, f, indent=2)
+    settings = json.dumps({rec["target"]: rec["config"] for rec in meta["slots"]})
+    prepare_directory(path, {name: "PEFT" for name in PEFT_FILES}, overwrite=overwrite)
+    write_files(path, {
+        TENSORS_NAME: safetensors_writer(tensors, {"format": FORMAT, SETTINGS_KEY: settings}),
+        JSON_NAME: json_writer(meta),
+    })
 
 
-def _check(gm: fx.GraphModule, meta: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Every mismatch between the file and gm, as readable lines (empty when it fits)."""
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        return [f"not an fxtune adapter file (format {meta.get('format')!r} v{meta.get('format_version')!r})"]
+def _settings_edits(meta: dict, saved: Any) -> list[str]:
+    """Settings in the JSON that differ from the copy saved with the tensors, key by key."""
+    if not isinstance(saved, dict):
+        return []
     problems = []
+    for rec in meta["slots"]:
+        before = saved.get(rec["target"])
+        if not isinstance(before, dict):
+            problems.append(f"'{rec['target']}': {TENSORS_NAME} was saved without this slot")
+            continue
+        for key in dict.fromkeys([*before, *rec["config"]]):
+            if key not in rec["config"]:
+                problems.append(f"'{rec['target']}': setting '{key}' is missing from {JSON_NAME} (saved: {before[key]!r})")
+            elif key not in before:
+                problems.append(f"'{rec['target']}': setting '{key}' in {JSON_NAME} was not saved with the tensors")
+            elif before[key] != rec["config"][key]:
+                problems.append(f"'{rec['target']}': setting '{key}' is {rec['config'][key]!r} in {JSON_NAME}, "
+                                f"but {before[key]!r} was saved with the tensors")
+    if problems:
+        problems.append(f"{JSON_NAME} was edited after saving; restore it, or re-create the adapter in fxtune and save it again")
+    return problems
+
+
+def _tensor_problems(rec: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Each entry of a slot against the stored tensor: present, same dtype, same shape (or mask count)."""
+    problems = []
+    target = rec["target"]
+    for name, entry in rec["tensors"].items():
+        key = f"{target}.{name}"
+        value = tensors.get(key)
+        if value is None:
+            problems.append(f"'{target}': tensor '{name}' missing from {TENSORS_NAME}")
+            continue
+        if str(value.dtype).removeprefix("torch.") != entry["dtype"]:
+            problems.append(f"'{target}': tensor '{name}' is {str(value.dtype).removeprefix('torch.')} in {TENSORS_NAME}, "
+                            f"{entry['dtype']} in {JSON_NAME}")
+        mask = entry["masked_by"] and tensors.get(f"{target}.{entry['masked_by']}")
+        if entry["masked_by"] is None and list(value.shape) != entry["shape"]:
+            problems.append(f"'{target}': tensor '{name}' has shape {list(value.shape)}, expected {entry['shape']}")
+        elif mask is not None and entry["masked_by"] is not None:
+            try:
+                kept = int(torch.broadcast_to(mask.bool(), entry["shape"]).sum())
+            except RuntimeError:
+                kept = None
+            if kept is None or value.dim() != 1 or value.numel() != kept:
+                problems.append(f"'{target}': tensor '{name}' holds {list(value.shape)} entries; its mask "
+                                f"'{entry['masked_by']}' keeps {kept} of {entry['shape']}")
+    return problems
+
+
+def _check(gm: fx.GraphModule, meta: Any, tensors: dict[str, torch.Tensor], saved_settings: Any) -> list[str]:
+    """Every mismatch between the file and gm, and within the file, as readable lines (empty when it fits)."""
+    problems = schema_problems(meta)
+    if problems:
+        return problems
     table = site_table(gm)
     weights = {name: tuple(group[0].weight_shape) for name, group in table.by_weight.items()}
     kinds = registered_kinds()
+    named = set()
     for rec in meta["slots"]:
         target = rec["target"]
+        named.update(f"{target}.{name}" for name in rec["tensors"])
         if rec["kind"] not in kinds:
             problems.append(f"'{target}': unknown adapter kind '{rec['kind']}' (import the module that defines it)")
         if target not in weights:
             problems.append(f"'{target}': the adapter has it, the model has no such site")
         elif weights[target] != tuple(rec["weight_shape"]):
             problems.append(f"'{target}': weight shape {list(weights[target])} in the model, {rec['weight_shape']} in the adapter")
-        for name, entry in rec["tensors"].items():
-            key = f"{target}.{name}"
-            if key not in tensors:
-                problems.append(f"'{target}': tensor '{name}' missing from {TENSORS_NAME}")
-            elif entry["masked_by"] is None and list(tensors[key].shape) != entry["shape"]:
-                problems.append(f"'{target}': tensor '{name}' has shape {list(tensors[key].shape)}, expected {entry['shape']}")
-    return problems
+        found = _tensor_problems(rec, tensors)
+        problems += found
+        peft = getattr(kinds.get(rec["kind"]), "peft", None)
+        if not found and isinstance(peft, PeftFormat):
+            problems += [f"'{target}': {p}" for p in peft.settings_problems(rec["config"], _unpack(rec, tensors))]
+    problems += [f"tensor '{key}' in {TENSORS_NAME} belongs to no slot of {JSON_NAME}" for key in sorted(set(tensors) - named)]
+    return problems + _settings_edits(meta, saved_settings)
 
 
 def _unpack(rec: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,16 +184,21 @@ def _unpack(rec: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def load_fxtune(gm: fx.GraphModule, path: str, adapter: str | None = None) -> fx.GraphModule:
     """Re-creates the adapter saved in directory `path` on gm (a new GraphModule)."""
-    with open(os.path.join(path, JSON_NAME)) as f:
-        meta = json.load(f)
-    return apply_adapter_state(gm, meta, load_file(os.path.join(path, TENSORS_NAME)), adapter, source=f"the adapter in {path!r}")
+    meta = read_json(os.path.join(path, JSON_NAME))
+    tensors, metadata = read_safetensors(os.path.join(path, TENSORS_NAME))
+    return apply_adapter_state(gm, meta, tensors, adapter, source=f"the adapter in {path!r}",
+                               saved_settings=json_metadata(metadata, SETTINGS_KEY))
 
 
 def apply_adapter_state(
-    gm: fx.GraphModule, meta: dict, tensors: dict[str, torch.Tensor], adapter: str | None = None, *, source: str = "the adapter"
+    gm: fx.GraphModule, meta: dict, tensors: dict[str, torch.Tensor], adapter: str | None = None, *,
+    source: str = "the adapter", saved_settings: Any = None,
 ) -> fx.GraphModule:
-    """A new GraphModule with the described adapter re-created on gm; a mismatch raises and changes nothing."""
-    problems = _check(gm, meta, tensors)
+    """A new GraphModule with the described adapter re-created on gm; a mismatch raises and changes nothing.
+
+    `saved_settings` ({target: config} as saved with the tensors), if given, must equal the JSON's settings.
+    """
+    problems = _check(gm, meta, tensors, saved_settings)
     if problems:
         raise AdapterError(f"cannot re-create {source} on this model:\n  " + "\n  ".join(problems))
     name = adapter or meta["adapter"]
@@ -145,20 +209,22 @@ def apply_adapter_state(
         rw = Rewrite(gm, kind=kind, adapter=name)
         created: dict[str, torch.nn.Parameter] = {}
         for rec in records:
-            _recreate(rw, rw.site(rec["target"]), rec, _unpack(rec, tensors), created)
+            _recreate(rw, rw.site(rec["target"]), rec, _unpack(rec, tensors), created, source)
         gm = rw.finish()
     return gm
 
 
-def _recreate(rw: Rewrite, site: Any, rec: dict, tensors: dict[str, torch.Tensor], created: dict) -> None:
-    """One slot from its record; parameters saved as one shared tensor become one Parameter again."""
+def _recreate(rw: Rewrite, site: Any, rec: dict, tensors: dict[str, torch.Tensor], created: dict, source: str) -> None:
+    """One slot from its record, its tensors in the weight's dtype; parameters saved as one shared
+    tensor become one Parameter again."""
     kind = get_kind(rec["kind"])
     weight = rw.weight(rec["target"])
-    extra = kind.restore(site, weight, rec["config"], tensors) if kind.restore else {}
+    tensors = cast_like(tensors, weight, f"'{rec['target']}' of {source}")
+    extra = (kind.restore(site, weight, rec["config"], tensors) if kind.restore else None) or {}
     if extra.get("base_weight") is not None:
         rw.replace_base_weight(rec["target"], extra["base_weight"])
-    params = {k: v.to(weight.device) for k, v in tensors.items() if rec["tensors"][k]["role"] == "parameter"}
-    buffers = {k: v.to(weight.device) for k, v in tensors.items() if rec["tensors"][k]["role"] == "buffer"}
+    params = {k: v for k, v in tensors.items() if rec["tensors"][k]["role"] == "parameter"}
+    buffers = {k: v for k, v in tensors.items() if rec["tensors"][k]["role"] == "buffer"}
     slot = rw.attach(
         rec["target"], params=params, buffers=buffers, modules=extra.get("modules"),
         config=rec["config"], form=rec["form"], reason=rec.get("form_reason", ""),
@@ -172,14 +238,18 @@ def _recreate(rw: Rewrite, site: Any, rec: dict, tensors: dict[str, torch.Tensor
         slot._parameters[key] = created.setdefault(same_as, p)
 
 
-def save_adapters(gm: fx.GraphModule, path: str, adapter: str = "default", *, format: str = "fxtune") -> None:
+def save_adapters(gm: fx.GraphModule, path: str, adapter: str = "default", *, format: str = "fxtune", overwrite: bool = False) -> None:
     """Writes one adapter into the directory `path`: adapters.safetensors + adapters.json, or with
-    format="peft" a LoRA adapter as PEFT's adapter_model.safetensors + adapter_config.json."""
+    format="peft" PEFT's adapter_model.safetensors + adapter_config.json (for kinds with a PEFT mapping).
+
+    A directory holding the other format's files is refused; overwrite=True removes them first.
+    """
+    path = os.fspath(path)
     if format == "peft":
-        return save_peft(gm, path, adapter)
+        return save_peft(gm, path, adapter, other_files={name: "fxtune" for name in FXTUNE_FILES}, overwrite=overwrite)
     if format != "fxtune":
         raise AdapterError(f"unknown adapter file format {format!r}; use 'fxtune' or 'peft'")
-    save_fxtune(gm, path, adapter)
+    save_fxtune(gm, path, adapter, overwrite=overwrite)
 
 
 def load_adapters(gm: fx.GraphModule, path: str, *, adapter: str | None = None) -> fx.GraphModule:
@@ -187,6 +257,10 @@ def load_adapters(gm: fx.GraphModule, path: str, *, adapter: str | None = None) 
 
     The directory's contents say its format: adapters.json is fxtune's, adapter_config.json PEFT's.
     """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise AdapterError(f"{path!r} is not a directory, so not an fxtune adapter directory (nor a PEFT one); "
+                           "give the directory that save_adapters (or PEFT's save_pretrained) wrote")
     is_fxtune, is_peft = (os.path.isfile(os.path.join(path, name)) for name in (JSON_NAME, PEFT_CONFIG_NAME))
     if is_fxtune and is_peft:
         raise AdapterError(f"{path!r} holds both {JSON_NAME} (fxtune) and {PEFT_CONFIG_NAME} (PEFT); keep each format in its own directory")

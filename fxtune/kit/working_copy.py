@@ -53,7 +53,14 @@ class WorkingCopy:
     def weight(self, weight_name: str) -> torch.Tensor:
         """The current base weight in its canonical (out, in/groups, *kernel) view, detached (read it,
         never write it): e.g. the q rows of an in_proj_weight, an embedding's table transposed."""
-        return self.store.read(self.site(weight_name).weight_ref)[0]
+        weight = self.store.read(self.site(weight_name).weight_ref)[0]
+        if not weight.is_floating_point():
+            raise self.error(
+                f"'{weight_name}' has a weight of dtype {str(weight.dtype).removeprefix('torch.')}; fxtune's passes compute with "
+                "floating-point weights. Dequantize the model first (e.g. model.float(), or your quantizer's "
+                "dequantize()), or exclude this site: exclude=..."
+            )
+        return weight
 
     def bias(self, weight_name: str) -> torch.Tensor | None:
         """The current base bias of a weight (its rows, for q/k/v), detached, or None."""
