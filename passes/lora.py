@@ -47,6 +47,29 @@ def _needs_activations(config: dict) -> str | None:
     return f"its dropout={config['dropout']} acts on the input activations" if config["dropout"] > 0 else None
 
 
+SETTINGS = ("r", "alpha", "scale", "rslora", "init", "dropout")
+
+
+def check_settings(config: dict, tensors: dict) -> list[str]:
+    """r must be the factors' rank and scale what alpha, r and rslora give, else a re-export to PEFT
+    (which reads r and alpha) would compute something other than fxtune (which uses scale)."""
+    problems = [f"setting '{k}' is missing" for k in SETTINGS if k not in config]
+    problems += [f"unknown setting '{k}' (LoRA's settings: {', '.join(SETTINGS)})" for k in config if k not in SETTINGS]
+    if problems:
+        return problems
+    r, alpha, a, b = config["r"], config["alpha"], tensors.get("lora_a"), tensors.get("lora_b")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return [f"r={r!r}, alpha={alpha!r}; r must be a positive int and alpha a number"]
+    if a is not None and b is not None and (a.shape[0] != r or b.shape[1] != r):
+        problems.append(f"r={r}, but lora_a {list(a.shape)} and lora_b {list(b.shape)} have rank {a.shape[0]}")
+    expected = alpha / math.sqrt(r) if config["rslora"] else alpha / r
+    if not isinstance(config["scale"], (int, float)) or not math.isclose(config["scale"], expected, rel_tol=1e-9):
+        problems.append(f"scale={config['scale']!r}, but alpha={alpha}, r={r}, rslora={config['rslora']} give {expected!r}")
+    if (config["init"] == "pissa") != ("pissa_a0" in tensors):
+        problems.append(f"init={config['init']!r} does not fit its tensors ({sorted(tensors)})")
+    return problems
+
+
 class LoraPeft(fxtune.PeftFormat):
     """LoRA in PEFT's format: per module `lora_A.weight` / `lora_B.weight` (fxtune's A, B as they are;
     on a transformers Conv1D too, PEFT's fan_in_fan_out), r and lora_alpha per module via patterns."""
@@ -66,7 +89,6 @@ class LoraPeft(fxtune.PeftFormat):
         "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA", "velora_config": "VeLoRA",
     }
     BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")  # inits whose A, B belong on a changed base
-    SETTINGS = ("r", "alpha", "scale", "rslora", "init", "dropout")
 
     def site_problem(self, site: fxtune.Site) -> str | None:
         """Where PEFT's LoRA layer is not W + s·B@A on this weight: other layer types, and conv geometry
@@ -143,25 +165,6 @@ class LoraPeft(fxtune.PeftFormat):
                     "rslora": rslora, "init": init, "dropout": float(dropout)}
         return {"params": {"lora_a": a, "lora_b": b}, "config": settings}
 
-    def settings_problems(self, config: dict, tensors: dict) -> list[str]:
-        """r must be the factors' rank and scale what alpha, r and rslora give, else a re-export to PEFT
-        (which reads r and alpha) would compute something other than fxtune (which uses scale)."""
-        problems = [f"setting '{k}' is missing" for k in self.SETTINGS if k not in config]
-        problems += [f"unknown setting '{k}' (LoRA's settings: {', '.join(self.SETTINGS)})" for k in config if k not in self.SETTINGS]
-        if problems:
-            return problems
-        r, alpha, a, b = config["r"], config["alpha"], tensors.get("lora_a"), tensors.get("lora_b")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            return [f"r={r!r}, alpha={alpha!r}; r must be a positive int and alpha a number"]
-        if a is not None and b is not None and (a.shape[0] != r or b.shape[1] != r):
-            problems.append(f"r={r}, but lora_a {list(a.shape)} and lora_b {list(b.shape)} have rank {a.shape[0]}")
-        expected = alpha / math.sqrt(r) if config["rslora"] else alpha / r
-        if not isinstance(config["scale"], (int, float)) or not math.isclose(config["scale"], expected, rel_tol=1e-9):
-            problems.append(f"scale={config['scale']!r}, but alpha={alpha}, r={r}, rslora={config['rslora']} give {expected!r}")
-        if (config["init"] == "pissa") != ("pissa_a0" in tensors):
-            problems.append(f"init={config['init']!r} does not fit its tensors ({sorted(tensors)})")
-        return problems
-
 
 def _as_tuple(value) -> tuple:
     """A conv setting as a tuple (an int stands for every spatial dimension)."""
@@ -176,7 +179,8 @@ def _factor_shapes(site: fxtune.Site, r: int) -> tuple[tuple, tuple]:
 
 KIND = fxtune.register_kind(
     AdapterKind(
-        "lora", weight=lora_weight, activation=_activation, restore=_restore, weight_blocker=_needs_activations, peft=LoraPeft()
+        "lora", weight=lora_weight, activation=_activation, restore=_restore, weight_blocker=_needs_activations,
+        check=check_settings, peft=LoraPeft()
     )
 )
 

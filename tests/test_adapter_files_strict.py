@@ -17,7 +17,7 @@ from torch import nn
 
 import fxtune
 from core_helpers import assert_unchanged, lora_slots, randomize_lora, rel_err, snapshot
-from fxtune.passes import lora
+from fxtune.passes import dora, lora
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxtune.FxtuneWarning")
 
@@ -224,3 +224,14 @@ def test_saving_onto_a_file_path_is_refused(tmp_path):
     with pytest.raises(fxtune.AdapterError, match="is a file"):
         fxtune.save_adapters(lora(fxtune.trace(_net()), r=2), str(file))
     assert file.read_text() == "mine"
+
+
+def test_a_dora_file_whose_rank_disagrees_with_its_factors_is_refused(tmp_path):
+    """Any kind can declare its settings check (AdapterKind.check), not only kinds with a PEFT mapping."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    fxtune.save_adapters(dora(fxtune.trace(model), r=2), tmp_path)
+    meta = json.loads((tmp_path / "adapters.json").read_text())
+    meta["slots"][0]["config"]["r"] = 3
+    (tmp_path / "adapters.json").write_text(json.dumps(meta))
+    with pytest.raises(fxtune.AdapterError, match=r"r=3, but lora_a \[2, 6\] has rank 2"):
+        fxtune.load_adapters(fxtune.trace(model), tmp_path)

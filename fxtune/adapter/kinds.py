@@ -36,12 +36,13 @@ class AdapterKind:
                                      (e.g. dropout on activations); forcing it there is then an error
     changes_bias(**settings)         optional, whether `bias` changes anything under these settings (IA³ on
                                      the input side leaves it alone); no bias node is emitted or folded if not
+    check(config, tensors)           optional, where a slot's settings contradict its tensors or each other (a
+                                     rank that is not the factors' rank...), as messages; adapter files refuse those
     companion                        True for kinds that may join a named adapter of any kind (whole-layer
                                      copies trained with it); a named adapter is otherwise of one kind
     peft                             optional, how this kind reads and writes PEFT's adapter directories: an
                                      instance of a `fxtune.PeftFormat` subclass (io/peft_format.py) naming its
-                                     peft_type, tensors and settings; it also checks, on loading fxtune's own
-                                     files, that the settings fit the tensors (`settings_problems`)
+                                     peft_type, tensors and settings
     `inputs` holds the adapter's tensors (parameters and persistent buffers) and its settings.
     """
 
@@ -55,6 +56,7 @@ class AdapterKind:
     activation_reads_weight: bool = False
     weight_blocker: Callable[..., str | None] | None = None
     changes_bias: Callable[..., bool] | None = None
+    check: Callable[..., list[str]] | None = None
     companion: bool = False
     peft: Any = None
     _accepts: dict = field(default_factory=dict, compare=False, repr=False)

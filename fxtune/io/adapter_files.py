@@ -27,7 +27,6 @@ from .adapter_schema import FORMAT, FORMAT_VERSION, schema_problems
 from .files import cast_like, json_metadata, json_writer, prepare_directory, read_json, read_safetensors, safetensors_writer, write_files
 from .peft_files import PEFT_FILES, load_peft, save_peft
 from .peft_format import CONFIG_NAME as PEFT_CONFIG_NAME
-from .peft_format import PeftFormat
 
 JSON_NAME, TENSORS_NAME = "adapters.json", "adapters.safetensors"
 FXTUNE_FILES = (JSON_NAME, TENSORS_NAME)
@@ -160,9 +159,9 @@ def _check(gm: fx.GraphModule, meta: Any, tensors: dict[str, torch.Tensor], save
             problems.append(f"'{target}': weight shape {list(weights[target])} in the model, {rec['weight_shape']} in the adapter")
         found = _tensor_problems(rec, tensors)
         problems += found
-        peft = getattr(kinds.get(rec["kind"]), "peft", None)
-        if not found and isinstance(peft, PeftFormat):
-            problems += [f"'{target}': {p}" for p in peft.settings_problems(rec["config"], _unpack(rec, tensors))]
+        check = getattr(kinds.get(rec["kind"]), "check", None)
+        if not found and check is not None:
+            problems += [f"'{target}': {p}" for p in check(rec["config"], _unpack(rec, tensors))]
     problems += [f"tensor '{key}' in {TENSORS_NAME} belongs to no slot of {JSON_NAME}" for key in sorted(set(tensors) - named)]
     return problems + _settings_edits(meta, saved_settings)
 

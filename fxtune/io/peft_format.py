@@ -81,11 +81,6 @@ class PeftFormat:
         `module`, whose tensors are `tensors` (every name in `tensor_names`); or why it cannot."""
         raise AdapterError(f"{type(self).__name__} reads no PEFT {self.peft_type} files (its from_peft is not defined)")
 
-    def settings_problems(self, config: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
-        """Where a slot's settings contradict its tensors or each other (e.g. a rank that is not the
-        factors' rank), so that a saved file cannot say one thing and compute another."""
-        return []
-
     def keeps_replaced_base(self, slot: AdapterSlot) -> bool:
         """Whether `to_peft` accounts for this slot having replaced its base weight (PEFT never does)."""
         return False
