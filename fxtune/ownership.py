@@ -80,12 +80,15 @@ def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str = "Grap
             merged.setdefault(key, value)
         setattr(gm, store, merged)
     gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set)
-    gm.train(root.training)
+    gm.training = root.training  # root's own flag only: its children keep their own train/eval modes
     if isinstance(getattr(root, "meta", None), dict):
         gm.meta.update(root.meta)
     for key, value in root.__dict__.items():  # kept base weights of the root's own parameters (basekeeping)
         if key.startswith("_fxtune_"):
             gm.__dict__[key] = copy.copy(value)
+    from .pickling import install  # pickles and copies as data, not as re-traced code (pickling imports this module)
+
+    install(gm)
     return gm
 
 
