@@ -88,7 +88,7 @@ def encode_spec(spec: pytree.TreeSpec | None, codec: ValueCodec, where: str) -> 
     return {
         "type": node_def.serialized_type_name,
         "context": codec.encode(spec.context, f"{where} context"),
-        "children": [encode_spec(c, codec, f"{where}[{i}]") for i, c in enumerate(spec.children_specs)],
+        "children": [encode_spec(c, codec, f"{where}[{i}]") for i, c in enumerate(spec.children())],
     }
 
 

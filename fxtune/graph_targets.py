@@ -16,6 +16,7 @@ import importlib
 import keyword
 import math
 import operator
+import re
 import sys
 import types
 import typing
@@ -37,6 +38,7 @@ _BUILTINS_ALLOWED = frozenset({
     "dict", "pow", "divmod", "all", "any", "isinstance",
 })
 _PUBLIC_NAMESPACES = ("torch.nn.functional", "torch.functional", "torch._C._nn", "math", "operator", "torchvision.ops")
+_ATEN_DUNDER = re.compile(r"__[a-z]+__")  # aten's operator overloads (`__and__`, `__lshift__`) are op names
 _METHODS_DENIED = frozenset({"from_file", "format", "format_map"})
 _ANNOTATIONS = {
     f"{t.__module__}.{t.__qualname__}": t
@@ -71,7 +73,9 @@ def _kinds() -> dict:
 def check_name(name: Any, where: str) -> str:
     """`name` if it is a dotted Python name with no dunder part (so it cannot hold code)."""
     parts = expect(name, str, where).split(".")
-    if not all(p.isidentifier() and not keyword.iskeyword(p) and not p.startswith("__") for p in parts):
+    operator_name = len(parts) > 3 and parts[:2] == ["torch", "ops"] and _ATEN_DUNDER.fullmatch(parts[3])  # aten.__and__
+    if not all(p.isidentifier() and not keyword.iskeyword(p) and (not p.startswith("__") or (i == 3 and operator_name))
+               for i, p in enumerate(parts)):
         raise GraphFileError(f"{where}: {name!r:.120} is not a qualified name like 'torch.nn.functional.relu'")
     return name
 
@@ -156,6 +160,8 @@ def name_class(cls: type, where: str) -> dict:
 
 def name_annotation(obj: Any, where: str) -> Any:
     """A type annotation of a graph input or node as data (classes by name, typing generics by parts)."""
+    if isinstance(obj, str):  # a postponed annotation (`from __future__ import annotations`): fx names it as text
+        return {"text": obj}
     if isinstance(obj, type):
         module, qualname = obj.__module__, obj.__qualname__
         if "<" in qualname:
@@ -241,6 +247,8 @@ class Allowed:
         """A type annotation; a class no rule knows becomes a stand-in with its name (annotations only name types)."""
         if not isinstance(data, dict) or len(data) == 0:
             raise GraphFileError(f"{where}: expected an annotation object")
+        if "text" in data:  # generated code only ever holds it as a value, under a sanitized name
+            return check_fields(data, where, {"text": str})["text"]
         if "class" in data:
             name = check_name(check_fields(data, where, {"class": str})["class"], f"{where}.class")
             if name == "typing.Any":

@@ -15,10 +15,12 @@ import copy
 from collections import OrderedDict
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from .export_guards import guard_inputs, guards_as_graph, is_guards
 from .graph_file import KEPT_META, decode_graph, encode_graph
+from .graph_targets import qualified_name
 from .graph_values import GraphFileError, ValueCodec, expect
 from .module_recipes import RECORD_PREFIX
 from .ownership import build_graph_module
@@ -35,17 +37,34 @@ class ObjectTable:
 
     def put(self, obj: Any, where: str) -> int:
         if id(obj) not in self._index:
-            self.objects.append(obj)
+            is_op = isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+            self.objects.append(_Operator(qualified_name(obj)) if is_op else obj)  # torch's op objects do not pickle
             self._index[id(obj)] = len(self.objects) - 1
         return self._index[id(obj)]
 
     def get(self, index: Any, where: str) -> Any:
         if type(index) is not int or not 0 <= index < len(self.objects):
             raise GraphFileError(f"{where}: {index!r} is not an object index")
-        return self.objects[index]
+        found = self.objects[index]
+        return found.find(where) if isinstance(found, _Operator) else found
 
     def codec(self) -> ValueCodec:
         return ValueCodec(callable=self.put, callable_back=self.get, tensor=self.put, tensor_back=self.get)
+
+
+class _Operator:
+    """A torch operator (`torch.ops.<namespace>.<op>.<overload>`) carried by its name."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find(self, where: str) -> Any:
+        found: Any = torch
+        for part in self.name.split(".")[1:]:
+            found = getattr(found, part, None)
+        if found is None:
+            raise GraphFileError(f"{where}: this torch has no operator {self.name}")
+        return found
 
 
 def install(gm: fx.GraphModule) -> None:

@@ -14,14 +14,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph_values import GraphFileError, check_fields, expect, _DTYPES, _MEMORY_FORMATS
+from .graph_values import _DTYPES, GraphFileError, check_fields, expect
 
 
-def _memory_format(t: torch.Tensor) -> str:
-    for name in ("channels_last", "channels_last_3d"):
-        if t.dim() == (4 if name == "channels_last" else 5) and not t.is_contiguous() and t.is_contiguous(memory_format=getattr(torch, name)):
-            return name
-    return "contiguous_format"
+def dense_strides(shape: list[int], stride: list[int]) -> bool:
+    """Whether `stride` lays a tensor of `shape` out densely (a permutation of row-major: no gaps, no overlap)."""
+    if len(shape) != len(stride) or any(s < 0 for s in stride):
+        return False
+    expected = 1
+    for size, step in sorted(((d, s) for d, s in zip(shape, stride) if d != 1), key=lambda p: p[1]):
+        if step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _layout(t: torch.Tensor) -> list[int] | None:
+    """The strides to restore on load, when not row-major (channels-last, a transposed factor); else None."""
+    if t.is_contiguous() or not dense_strides(list(t.shape), list(t.stride())):
+        return None
+    return list(t.stride())
 
 
 class TensorWriter:
@@ -55,7 +67,7 @@ class TensorWriter:
                 values = values.clone()  # safetensors refuses two entries on one storage
             self._storages.add(values.untyped_storage().data_ptr())
             self.data[key] = values
-            self.entries[key] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "memory_format": _memory_format(t)}
+            self.entries[key] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "stride": _layout(t)}
             self._views[view] = key
         self.objects.append({"data": key, "parameter": isinstance(t, nn.Parameter), "requires_grad": bool(t.requires_grad)})
         self._index[id(t)] = len(self.objects) - 1
@@ -83,18 +95,19 @@ class TensorReader:
         self.values: dict[str, torch.Tensor] = {}
         for key, entry in entries.items():
             at = f"{where}.data[{key!r}]"
-            check_fields(entry, at, {"dtype": str, "shape": list, "memory_format": str})
+            check_fields(entry, at, {"dtype": str, "shape": list, "stride": (list, type(None))})
             tensor = data[key]
             if entry["dtype"] not in _DTYPES or tensor.dtype is not _DTYPES[entry["dtype"]] or list(tensor.shape) != entry["shape"]:
                 raise GraphFileError(
                     f"{at}: the tensor file holds {tensor.dtype} {list(tensor.shape)}, the graph file says {entry['dtype']} {entry['shape']}"
                 )
-            if entry["memory_format"] not in ("contiguous_format", "channels_last", "channels_last_3d"):
-                raise GraphFileError(f"{at}.memory_format: unknown memory format {entry['memory_format']!r}")
-            fmt = _MEMORY_FORMATS[entry["memory_format"]]
-            if fmt is not torch.contiguous_format and tensor.dim() != (4 if entry["memory_format"] == "channels_last" else 5):
-                raise GraphFileError(f"{at}.memory_format: {entry['memory_format']} does not fit a {tensor.dim()}-d tensor")
-            self.values[key] = tensor.clone(memory_format=fmt)
+            stride = entry["stride"]
+            if stride is None:
+                self.values[key] = tensor.clone(memory_format=torch.contiguous_format)
+                continue
+            if not all(type(s) is int for s in stride) or not dense_strides(entry["shape"], stride):
+                raise GraphFileError(f"{at}.stride: {stride!r:.80} is not a dense layout of shape {entry['shape']}")
+            self.values[key] = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype).copy_(tensor)
         self.records = [check_fields(r, f"{where}.objects[{i}]", {"data": str, "parameter": bool, "requires_grad": bool}) for i, r in enumerate(objects)]
         for i, record in enumerate(self.records):
             if record["data"] not in self.values:
