@@ -107,7 +107,10 @@ def decode_spec(data: Any, codec: ValueCodec, where: str) -> pytree.TreeSpec | N
             "module that defines it (e.g. transformers) before loading"
         )
     children = [decode_spec(c, codec, f"{where}.children[{i}]") for i, c in enumerate(data["children"])]
-    return pytree.TreeSpec(typ, codec.decode(data["context"], f"{where}.context"), children)
+    context = codec.decode(data["context"], f"{where}.context")
+    if typ in (tuple, list) and context is not None or typ is dict and not isinstance(context, list):
+        raise GraphFileError(f"{where}.context: {context!r:.80} is not the context of a {typ.__name__}")
+    return pytree.TreeSpec(typ, context, children)
 
 
 def decode_codegen(data: Any, codec: ValueCodec, where: str) -> CodeGen:
@@ -117,6 +120,8 @@ def decode_codegen(data: Any, codec: ValueCodec, where: str) -> CodeGen:
         raise GraphFileError(f"{where}.kind: unknown code generator '{data['kind']}'; known: {sorted(_CODEGENS)}")
     names = [_identifier(n, f"{where}.orig_args[{i}]") for i, n in enumerate(data["orig_args"])]
     in_spec = decode_spec(data["in_spec"], codec, f"{where}.in_spec")
+    if in_spec is None:
+        raise GraphFileError(f"{where}.in_spec: a pytree signature needs the structure of its inputs")
     return cls(_PyTreeInfo(names, in_spec, decode_spec(data["out_spec"], codec, f"{where}.out_spec")))
 
 

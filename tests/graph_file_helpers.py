@@ -14,6 +14,7 @@ import fxtune
 from fxtune.calls import _Ref
 
 FXTUNE_META = ("fxtune", "fxtune_base", "fxtune_output", "fxtune_structure")
+TOKENS = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(4))  # inputs of TiedNet
 SLOT_FIELDS = ("kind", "target", "adapter", "config", "form", "form_reason", "order", "active", "merged")
 
 

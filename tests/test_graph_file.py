@@ -5,6 +5,8 @@ flags), stay trainable, and every lifecycle function gives on the loaded one wha
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import os
 
@@ -19,12 +21,11 @@ from core_helpers import MLP, small_net, vision_model
 from fxtune.graph_store import load, save
 from fxtune.graph_values import GraphFileError
 from fxtune.passes import dora, fold_bn, fuse, ia3, lora, low_rank, slice_delta, sp_lopa, svdiff
-from graph_file_helpers import WithLeaf, Scaled, assert_same_graph_module, gradients, tied_net
+from graph_file_helpers import TOKENS, Scaled, WithLeaf, assert_same_graph_module, gradients, tied_net
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxtune.FxtuneWarning")
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-TOKENS = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(4))
 
 
 def round_trip(gm, tmp_path, **kwargs):
@@ -212,7 +213,7 @@ def _bert():
     return transformers.BertModel(config).eval(), tokens, mask
 
 
-def test_export_front_end_bert_round_trip(tmp_path):
+def test_export_front_end_bert_round_trip_and_pickling(tmp_path):
     model, tokens, mask = _bert()
     traced = fxtune.trace(model, frontend="export", example_inputs=(tokens,), example_kwargs={"attention_mask": mask})
     gm = lora(traced, r=2, targets="encoder.*")
@@ -224,6 +225,12 @@ def test_export_front_end_bert_round_trip(tmp_path):
         ours = fuse(round_trip(traced, tmp_path / "t"))(tokens, attention_mask=mask).last_hidden_state
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
     assert_same_graph_module(fuse(loaded), fuse(gm), tokens, attention_mask=mask)
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    for copied in (torch.load(buffer, weights_only=False), copy.deepcopy(gm)):  # pickling, on the same trace
+        assert_same_graph_module(copied, gm, tokens, attention_mask=mask)
+        assert_same_graph_module(fuse(copied), fuse(gm), tokens, attention_mask=mask)
 
 
 @pytest.mark.slow
