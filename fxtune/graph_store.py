@@ -21,9 +21,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import fx
 
+from .errors import warn
 from .graph_targets import Allowed, name_callable
 from .graph_values import GraphFileError, ValueCodec, check_fields, expect
+from .kinds import _REGISTRY
 from .module_tree import TreeReader, TreeWriter
+from .slots import all_slots
 from .tensor_table import TensorReader, TensorWriter
 
 FORMAT = "fxtune.graph"
@@ -89,9 +92,16 @@ def load(path: str | os.PathLike, *, allow: Iterable[Any] = ()) -> fx.GraphModul
     reader = TensorReader(section["objects"], section["data"], data, f"{GRAPH_NAME}.tensors")
     codec = ValueCodec(callable_back=allowed.function, tensor_back=reader.get)
     try:
-        return TreeReader(codec, allowed, GRAPH_NAME).graph_module(document["module"])
+        gm = TreeReader(codec, allowed, GRAPH_NAME).graph_module(document["module"])
     except RecursionError:
         raise GraphFileError(f"{graph_file}: nested too deeply to be a graph file") from None
+    unknown = sorted({slot.kind for slot in all_slots(gm)} - set(_REGISTRY))
+    if unknown:
+        warn(
+            f"{graph_file}: adapter kind(s) {unknown} are not registered, so fuse, merge and the other adapter "
+            "functions cannot handle them; import the modules that define them (fxtune's own: import fxtune.passes)"
+        )
+    return gm
 
 
 def _pretty(value: Any, indent: int = 0) -> str:

@@ -40,13 +40,28 @@ _SPECIAL: dict[type, dict[str, Callable[[nn.Module], Any]]] = {
 }
 
 
+_RNN = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+_KEYWORDS_ONLY = {nn.RNN: _RNN + ("nonlinearity",), nn.LSTM: _RNN + ("proj_size",), nn.GRU: _RNN}  # take *args, **kwargs
+
+
+_DERIVED: dict[type, tuple[frozenset[str], Callable[[nn.Module], None]]] = {
+    nn.RNNBase: (frozenset({"_flat_weights", "_flat_weight_refs"}), lambda m: m._init_flat_weights()),
+}  # attributes a class derives from its parameters, and how it does so
+
+
 def is_attribute(key: str) -> bool:
     """Whether a `__dict__` entry is a plain attribute of the module (not nn.Module's bookkeeping or an fxtune record)."""
     return key not in MODULE_INTERNALS and not key.startswith(RECORD_PREFIX)
 
 
+def _derived(module: nn.Module) -> frozenset[str]:
+    return frozenset().union(*(keys for cls, (keys, _) in _DERIVED.items() if isinstance(module, cls)))
+
+
 def constructor_args(module: nn.Module, cls: type) -> dict[str, Any] | str:
     """Keyword arguments that make a `cls` like `module`, read from its attributes; or why there are none."""
+    if cls in _KEYWORDS_ONLY:
+        return {name: module.__dict__[name] for name in _KEYWORDS_ONLY[cls]}
     try:
         parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
     except (TypeError, ValueError):
@@ -101,8 +116,8 @@ def recipe(module: nn.Module, cls: type) -> tuple[dict[str, Any], dict[str, Any]
     why = mismatch(fresh, module)
     if why:
         return why
-    own = {k for k in fresh.__dict__ if is_attribute(k)}
-    keep = own if cls is not type(module) else {k for k in module.__dict__ if is_attribute(k)}
+    own = {k for k in fresh.__dict__ if is_attribute(k)} - _derived(fresh)
+    keep = own if cls is not type(module) else {k for k in module.__dict__ if is_attribute(k)} - _derived(module)
     attributes = {k: v for k, v in module.__dict__.items() if k in keep}
     return args, attributes, own
 
@@ -136,3 +151,6 @@ def fill(module: nn.Module, parameters: OrderedDict, buffers: OrderedDict, where
                     f"recorded arguments makes {None if made is None else list(made.shape)}"
                 )
         setattr(module, store, loaded)
+    for cls, (_, refresh) in _DERIVED.items():
+        if isinstance(module, cls):
+            refresh(module)

@@ -83,22 +83,28 @@ class TreeWriter:
         return record
 
     def _recipe(self, module: nn.Module, path: str, called: bool) -> dict:
+        """Its own class and recipe (for torch.nn types, and for any class the graph calls), and for other
+        classes the nearest torch.nn class it derives from. Other classes' constructors are not run."""
         where, cls = _place(path), type(module)
         record: dict[str, Any] = {}
-        own = self._encoded(module, cls, where)
         try:
             record["class"] = name_class(cls, where)
-        except GraphFileError as exc:
-            own = str(exc)
-        if isinstance(own, dict):
-            record.update(own)
-            if self._default.module_class(record["class"], where) is cls:
-                return record
-        if called and not isinstance(own, dict):
-            raise GraphFileError(
-                f"{where}: the graph calls this {cls.__module__}.{cls.__qualname__}, but a graph file cannot rebuild it "
-                f"without pickle: {own}"
-            )
+            default = self._default.module_class(record["class"], where) is cls
+        except GraphFileError:
+            if called:
+                raise
+            default = False
+        if default or called:
+            own = self._encoded(module, cls, where)
+            if isinstance(own, dict):
+                record.update(own)
+                if default:
+                    return record
+            elif called:
+                raise GraphFileError(
+                    f"{where}: the graph calls this {cls.__module__}.{cls.__qualname__}, but a graph file cannot rebuild "
+                    f"it without pickle: {own}"
+                )
         for base in cls.__mro__[1:]:
             try:
                 if self._default.module_class(name_class(base, where), where) is not base:
@@ -133,7 +139,6 @@ class TreeWriter:
         return {"args": encoded_args, "attributes": encoded}
 
     def _common(self, module: nn.Module, path: str, called: set[str], graph: fx.Graph | None) -> dict:
-        where = _place(path)
         children = []
         for name, child in module._modules.items():
             if child is not None and is_guards(child):
