@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import keyword
+import re
 from typing import Any, Callable
 
 from torch import fx
@@ -24,7 +25,8 @@ from .graph_targets import check_method
 from .graph_values import GraphFileError, ValueCodec, check_fields, expect
 from .structure import STRUCTURE_META
 
-KEPT_META = (META, BASE_META, OUTPUT, STRUCTURE_META)  # what fxtune reads from node.meta; "stack_trace" is kept too
+KEPT_META = (META, BASE_META, OUTPUT, STRUCTURE_META)  # what fxtune reads from node.meta
+_PLAIN_META = {"stack_trace": str, "is_wrapped": bool}  # fx's own: where a node came from, and fx.wrap'ed calls (in the code)
 OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 _CODEGENS = {"pytree": _PyTreeCodeGen, "plain_inputs": _PlainInputsCodeGen}
 
@@ -48,8 +50,9 @@ def encode_graph(graph: fx.Graph, codec: ValueCodec, annotation: Callable[[Any, 
             except GraphFileError as exc:
                 warn(f"{exc}; the annotation is left out, so the loaded code does not show it")
         meta = {key: codec.encode(node.meta[key], f"{at} meta[{key!r}]") for key in KEPT_META if key in node.meta}
-        if isinstance(node.meta.get("stack_trace"), str):
-            meta["stack_trace"] = node.meta["stack_trace"]
+        for key, kind in _PLAIN_META.items():
+            if isinstance(node.meta.get(key), kind):
+                meta[key] = node.meta[key]
         if meta:
             record["meta"] = meta
         nodes.append(record)
@@ -131,11 +134,20 @@ def _identifier(name: Any, where: str) -> str:
     return name
 
 
+_PART = re.compile(r"[A-Za-z0-9_\-]+")  # torch.fx writes other parts as getattr(obj, "part"): no quotes may get in
+
+
+def check_part(part: Any, where: str) -> str:
+    """A module, parameter or buffer name: letters, digits, `_` and `-` (e.g. regnet's 'block1-0'), no dunder."""
+    if not isinstance(part, str) or not _PART.fullmatch(part) or part.startswith("__") or keyword.iskeyword(part):
+        raise GraphFileError(f"{where}: {part!r:.120} is not a module or attribute name")
+    return part
+
+
 def check_path(path: Any, where: str) -> str:
-    """A module or attribute path (`layer1.0.conv1.weight`): identifier or index parts, no dunder."""
-    parts = expect(path, str, where).split(".")
-    if not all((p.isidentifier() and not keyword.iskeyword(p) and not p.startswith("__")) or p.isdigit() for p in parts):
-        raise GraphFileError(f"{where}: {path!r:.120} is not a module or attribute path")
+    """A module or attribute path (`layer1.0.conv1.weight`) of such names."""
+    for part in expect(path, str, where).split("."):
+        check_part(part, f"{where} {path!r:.120}")
     return path
 
 
@@ -192,12 +204,12 @@ def decode_graph(
         if node.name != name:
             raise GraphFileError(f"{at}.name: node '{name}' would be renamed '{node.name}' (a name clash)")
         for key, value in (record.get("meta") or {}).items():
-            if key == "stack_trace":
-                node.meta[key] = expect(value, str, f"{at}.meta.stack_trace")
+            if key in _PLAIN_META:
+                node.meta[key] = expect(value, _PLAIN_META[key], f"{at}.meta.{key}")
             elif key in KEPT_META:
                 node.meta[key] = codec.decode(value, f"{at}.meta.{key}")
             else:
-                raise GraphFileError(f"{at}.meta: unknown key '{key}'; graph files keep {list(KEPT_META) + ['stack_trace']}")
+                raise GraphFileError(f"{at}.meta: unknown key '{key}'; graph files keep {list(KEPT_META) + list(_PLAIN_META)}")
         nodes[name] = node
     if not records:
         raise GraphFileError(f"{where}.nodes: a graph needs at least its output node")

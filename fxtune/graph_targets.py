@@ -29,7 +29,8 @@ from .graph_values import GraphFileError, check_fields, expect
 
 _TORCH_DENIED = frozenset({
     "save", "load", "from_file", "compile", "manual_seed", "seed", "initial_seed", "use_deterministic_algorithms",
-    "import_ir_module", "import_ir_module_from_buffer",
+    "import_ir_module", "import_ir_module_from_buffer", "get_device_module", "prepare_multiprocessing_environment",
+    "DeserializationStorageContext",
 })
 _TORCH_PRIVATE_ALLOWED = frozenset({"_assert", "_check", "_check_is_size", "_assert_async"})
 _OPERATOR_DENIED = frozenset({"attrgetter", "methodcaller", "call"})
@@ -37,9 +38,13 @@ _BUILTINS_ALLOWED = frozenset({
     "getattr", "len", "int", "float", "bool", "abs", "min", "max", "round", "sum", "range", "slice", "tuple", "list",
     "dict", "pow", "divmod", "all", "any", "isinstance",
 })
-_PUBLIC_NAMESPACES = ("torch.nn.functional", "torch.functional", "torch._C._nn", "math", "operator", "torchvision.ops")
+_PUBLIC_NAMESPACES = ("torch.nn.functional", "torch.functional", "torch._C._nn", "math", "operator")
 _ATEN_DUNDER = re.compile(r"__[a-z]+__")  # aten's operator overloads (`__and__`, `__lshift__`) are op names
-_METHODS_DENIED = frozenset({"from_file", "format", "format_map"})
+_METHODS_DENIED = frozenset({  # reach memory, files or other objects' methods: numpy arrays, storages, hooks
+    "numpy", "storage", "untyped_storage", "set_", "data_ptr", "share_memory_", "apply_", "map_", "map2_",
+    "register_hook", "register_post_accumulate_grad_hook", "from_file", "tofile",
+})
+_METHODS = frozenset(n for n in dir(torch.Tensor) if not n.startswith("_")) | {"keys", "values", "items", "get", "index", "count"}
 _ANNOTATIONS = {
     f"{t.__module__}.{t.__qualname__}": t
     for t in (int, float, bool, str, bytes, complex, type(None), tuple, list, dict, set, slice, object, torch.Tensor,
@@ -81,16 +86,21 @@ def check_name(name: Any, where: str) -> str:
 
 
 def check_method(name: Any, where: str) -> str:
-    """A method or attribute name a graph may use: an identifier, not private, not a known file or format hook."""
-    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_") or name in _METHODS_DENIED:
+    """A method or attribute name a graph may use on a value: a public torch.Tensor method or attribute (or a
+    dict/list lookup), except those that reach raw memory, files, numpy or hooks.
+
+    Names, not objects, are checked (values exist only when the graph runs), so the list is closed: a name
+    like `tofile` or `system` cannot be used on whatever object a graph might reach.
+    """
+    if not isinstance(name, str) or name not in _METHODS or name in _METHODS_DENIED:
         raise GraphFileError(
-            f"{where}: {name!r:.120} is not an attribute name a graph file may use (public identifiers only, "
-            f"not {sorted(_METHODS_DENIED)})"
+            f"{where}: {name!r:.120} is not an attribute name a graph file may use (torch.Tensor's public methods and "
+            f"attributes, except {sorted(_METHODS_DENIED)})"
         )
     return name
 
 
-def _find_loaded(name: str) -> Any:
+def find_loaded(name: str) -> Any:
     """The object `name` stands for among already imported modules (never imports), or None."""
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
@@ -114,17 +124,17 @@ def qualified_name(obj: Any) -> str | None:
     name = getattr(obj, "__name__", None)
     module = {"_operator": "operator"}.get(getattr(obj, "__module__", None), getattr(obj, "__module__", None))
     qualname = getattr(obj, "__qualname__", name)
-    if not isinstance(name, str) or not isinstance(qualname, str) or "<" in qualname:
+    if not isinstance(name, str):
         return None
     candidates = [f"torch.nn.functional.{name}", f"torch.nn.{name}", f"torch.{name}", f"torchvision.ops.{name}"]
-    if isinstance(module, str):
+    if isinstance(module, str) and isinstance(qualname, str) and "<" not in qualname:
         candidates.append(f"{module}.{qualname}")
     for candidate in candidates:
         try:
             check_name(candidate, "")
         except GraphFileError:
             continue
-        if _find_loaded(candidate) is obj:
+        if find_loaded(candidate) is obj:
             return candidate
     return None
 
@@ -285,7 +295,7 @@ class Allowed:
             return found
         for module_name, module in self.modules.items():
             if name.startswith(module_name + "."):
-                return _walk(module, name[len(module_name) + 1:].split("."))
+                return _walk(module, name[len(module_name) + 1:].split("."), private=True)
         for prefix in self.prefixes:
             if name == prefix or name.startswith(prefix + "."):
                 return _import(name)
@@ -300,9 +310,10 @@ class Allowed:
         return found if isinstance(found, types.FunctionType) and found.__module__ == module_name else None
 
 
-def _walk(obj: Any, parts: list[str]) -> Any:
+def _walk(obj: Any, parts: list[str], *, private: bool = False) -> Any:
+    """`obj.a.b...`; names with a leading underscore only where the user allowed the whole namespace."""
     for part in parts:
-        if part.startswith("_"):
+        if part.startswith("__") or part.startswith("_") and not private:
             return None
         obj = getattr(obj, part, None)
         if obj is None:
@@ -318,7 +329,7 @@ def _import(name: str) -> Any:
             module = importlib.import_module(".".join(parts[:i]))
         except ImportError:
             continue
-        return _walk(module, parts[i:]) if i < len(parts) else module
+        return _walk(module, parts[i:], private=True) if i < len(parts) else module
     return None
 
 
@@ -345,6 +356,11 @@ def _default_function(name: str) -> Any:
         return None if isinstance(found, types.ModuleType) else found
     if head == "builtins":
         return getattr(builtins, last) if last in _BUILTINS_ALLOWED else None
+    if name.startswith("torchvision.ops.") and not any(p.startswith("_") for p in name.split(".")):
+        importlib.import_module("torchvision.ops")
+        found = find_loaded(name)  # e.g. torchvision.ops.stochastic_depth.stochastic_depth
+        inside = getattr(found, "__module__", None) or ""
+        return found if callable(found) and not isinstance(found, types.ModuleType) and inside.startswith("torchvision.ops") else None
     if head in _PUBLIC_NAMESPACES and not last.startswith("_"):
         if head == "operator" and last in _OPERATOR_DENIED:
             return None

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from .errors import warn
 from .export_guards import guard_inputs, guards_as_graph, is_guards
-from .graph_file import called_paths, check_path, decode_graph, encode_graph
+from .graph_file import called_paths, check_part, decode_graph, encode_graph
 from .graph_targets import Allowed, name_annotation, name_class
 from .graph_values import GraphFileError, ValueCodec, check_fields, expect
 from .module_recipes import RECORD_PREFIX, fill, is_attribute, rebuild, recipe
@@ -70,12 +70,6 @@ class TreeWriter:
         if id(module) in self.seen:
             return {"same_as": self.seen[id(module)]}
         self.seen[id(module)] = path
-        hooks = [h for h in _HOOKS if getattr(module, h, None)]
-        if hooks:
-            raise GraphFileError(
-                f"{_place(path)} has hooks ({', '.join(hooks)}); hooks are code and cannot be stored in a graph file. "
-                "Remove them before saving (or use torch.save)"
-            )
         if isinstance(module, fx.GraphModule):
             return self.graph_module(module, path)
         record = self._recipe(module, path, path in called)
@@ -139,6 +133,12 @@ class TreeWriter:
         return {"args": encoded_args, "attributes": encoded}
 
     def _common(self, module: nn.Module, path: str, called: set[str], graph: fx.Graph | None) -> dict:
+        hooks = [h for h in _HOOKS if getattr(module, h, None)]
+        if hooks:
+            raise GraphFileError(
+                f"{_place(path)} has hooks ({', '.join(hooks)}); hooks are code and cannot be stored in a graph file. "
+                "Remove them before saving (or use torch.save)"
+            )
         children = []
         for name, child in module._modules.items():
             if child is not None and is_guards(child):
@@ -235,8 +235,8 @@ class TreeReader:
         for i, entry in enumerate(record["children"]):
             if not isinstance(entry, list) or len(entry) != 2:
                 raise GraphFileError(f"{where}.children[{i}]: expected a [name, module] pair")
-            name = check_path(entry[0], f"{where}.children[{i}]")
-            if "." in name or name in children:
+            name = check_part(entry[0], f"{where}.children[{i}]")
+            if name in children:
                 raise GraphFileError(f"{where}.children[{i}]: '{name}' is not a new child name")
             children[name] = None if entry[1] is None else self._module(entry[1], _join(path, name), called)
         module._modules = children
@@ -246,7 +246,7 @@ class TreeReader:
         for i, entry in enumerate(entries):
             if not isinstance(entry, list) or len(entry) != 2:
                 raise GraphFileError(f"{where}[{i}]: expected a [name, tensor index] pair")
-            name = _name(entry[0], f"{where}[{i}]")
+            name = check_part(entry[0], f"{where}[{i}]")
             tensor = None if entry[1] is None else self.codec.decode({"tensor": entry[1]}, f"{where}.{name}")
             if tensor is not None and isinstance(tensor, nn.Parameter) != parameter:
                 raise GraphFileError(f"{where}.{name}: {'a parameter must be' if parameter else 'a buffer cannot be'} an nn.Parameter")

@@ -12,6 +12,7 @@ copies the graph and the tree directly; copy.copy shares the tree and copies the
 from __future__ import annotations
 
 import copy
+import importlib
 from collections import OrderedDict
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import fx, nn
 
 from .export_guards import guard_inputs, guards_as_graph, is_guards
 from .graph_file import KEPT_META, decode_graph, encode_graph
-from .graph_targets import qualified_name
+from .graph_targets import find_loaded, qualified_name
 from .graph_values import GraphFileError, ValueCodec, expect
 from .module_recipes import RECORD_PREFIX
 from .ownership import build_graph_module
@@ -37,8 +38,7 @@ class ObjectTable:
 
     def put(self, obj: Any, where: str) -> int:
         if id(obj) not in self._index:
-            is_op = isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
-            self.objects.append(_Operator(qualified_name(obj)) if is_op else obj)  # torch's op objects do not pickle
+            self.objects.append(_ByName(qualified_name(obj)) if _needs_name(obj) else obj)
             self._index[id(obj)] = len(self.objects) - 1
         return self._index[id(obj)]
 
@@ -46,24 +46,35 @@ class ObjectTable:
         if type(index) is not int or not 0 <= index < len(self.objects):
             raise GraphFileError(f"{where}: {index!r} is not an object index")
         found = self.objects[index]
-        return found.find(where) if isinstance(found, _Operator) else found
+        return found.find(where) if isinstance(found, _ByName) else found
 
     def codec(self) -> ValueCodec:
         return ValueCodec(callable=self.put, callable_back=self.get, tensor=self.put, tensor_back=self.get)
 
 
-class _Operator:
-    """A torch operator (`torch.ops.<namespace>.<op>.<overload>`) carried by its name."""
+def _needs_name(obj: Any) -> bool:
+    """Whether pickle cannot find `obj` by itself: torch's operator objects, functions made inside others
+    (torch.nn.functional.max_pool2d is one) that are reachable under a public name."""
+    if isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return True
+    return callable(obj) and "<locals>" in getattr(obj, "__qualname__", "") and qualified_name(obj) is not None
+
+
+class _ByName:
+    """A function carried by its qualified name (pickle imports its module, as it does for any function)."""
 
     def __init__(self, name: str):
         self.name = name
 
     def find(self, where: str) -> Any:
-        found: Any = torch
-        for part in self.name.split(".")[1:]:
-            found = getattr(found, part, None)
+        found = find_loaded(self.name)
         if found is None:
-            raise GraphFileError(f"{where}: this torch has no operator {self.name}")
+            module, _, rest = self.name.partition(".")
+            found = importlib.import_module(module)
+            for part in rest.split("."):
+                found = getattr(found, part, None)
+        if found is None:
+            raise GraphFileError(f"{where}: {self.name} is not found in this process")
         return found
 
 

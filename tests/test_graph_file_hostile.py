@@ -51,7 +51,8 @@ def nodes(doc):
 
 @pytest.mark.parametrize("target", [
     "os.system", "builtins.eval", "builtins.exec", "subprocess.run", "importlib.import_module", "torch.save",
-    "torch.load", "operator.attrgetter", "posix.system", "shutil.rmtree", "pickle.loads",
+    "torch.load", "operator.attrgetter", "posix.system", "shutil.rmtree", "pickle.loads", "torch.get_device_module",
+    "torch.set_default_device", "fxtune.graph_store.save", "fxtune.passes.lora.torch.save",
 ])
 def test_target_outside_allow_list_is_refused_and_nothing_runs(saved, tmp_path, target):
     marker = tmp_path / "pwned"
@@ -86,12 +87,17 @@ def test_code_in_names_is_refused(saved, tmp_path, where, value):
 @pytest.mark.parametrize("change, message", [
     (lambda d: nodes(d)[RELU].update(op="call_method", target="__class__"), "not an attribute name"),
     (lambda d: nodes(d)[RELU].update(op="call_method", target="from_file"), "not an attribute name"),
+    (lambda d: nodes(d)[RELU].update(op="call_method", target="numpy"), "not an attribute name"),
+    (lambda d: nodes(d)[RELU].update(op="call_method", target="system"), "not an attribute name"),
+    (lambda d: nodes(d)[RELU].update(target={"name": "builtins.getattr"}, args=[{"node": "fc1_lora"}, "os"]),
+     "not an attribute name"),
     (lambda d: nodes(d)[RELU].update(target={"name": "builtins.getattr"}, args=[{"node": "fc1_lora"}, "__globals__"]),
      "not an attribute name"),
     (lambda d: nodes(d)[0].update(target="x=__import__('os').system('touch MARKER')"), "not a Python identifier"),
-    (lambda d: nodes(d)[2].update(target="fxtune.__class__.__init__"), "not a module or attribute path"),
+    (lambda d: nodes(d)[2].update(target="fxtune.__class__.__init__"), "not a module or attribute name"),
+    (lambda d: nodes(d)[2].update(target='fxtune.x"); __import__("os").system("touch MARKER'), "not a module or attribute name"),
     (lambda d: d["module"].update(class_name="G(): pass\nimport os\nclass G"), "not a class name"),
-    (lambda d: d["module"]["children"][FC1].__setitem__(0, "fc1; import os"), "not a module or attribute path"),
+    (lambda d: d["module"]["children"][FC1].__setitem__(0, "fc1; import os"), "not a module or attribute name"),
     (lambda d: d["module"]["children"][FC1][1]["attributes"].update({"forward": {"callable": {"name": "torch.zeros_like"}}}),
      "not a plain attribute name"),
     (lambda d: d["module"]["children"][FC1][1]["attributes"].update({"extra_repr": 1}), "would hide"),
