@@ -30,8 +30,10 @@ def dense_strides(shape: list[int], stride: list[int]) -> bool:
 
 
 def _layout(t: torch.Tensor) -> list[int] | None:
-    """The strides to restore on load, when not row-major (channels-last, a transposed factor); else None."""
-    if t.is_contiguous() or not dense_strides(list(t.shape), list(t.stride())):
+    """The strides to restore on load, when not row-major (channels-last, a transposed factor); else None.
+    Strides of size-1 dimensions count too: kernels may pick their layout from them."""
+    row_major = torch.empty(t.shape, device="meta").stride()
+    if t.stride() == row_major or not dense_strides(list(t.shape), list(t.stride())):
         return None
     return list(t.stride())
 

@@ -142,3 +142,15 @@ def test_unregistered_adapter_kinds_are_named_on_load(tmp_path):
     finally:
         _REGISTRY["lora"] = kind
     assert_same_graph_module(loaded, gm, torch.randn(2, 4))
+
+
+def test_dtypes_and_memory_layouts_survive(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).to(torch.bfloat16)
+    model = model.to(memory_format=torch.channels_last)
+    gm = lora(fxtune.trace(model), r=2)
+    save(gm, tmp_path / "d")
+    loaded = load(tmp_path / "d")
+    weight = loaded.get_submodule("0").weight
+    assert weight.dtype is torch.bfloat16 and weight.is_contiguous(memory_format=torch.channels_last)
+    assert_same_graph_module(loaded, gm, torch.randn(1, 3, 6, 6, dtype=torch.bfloat16))

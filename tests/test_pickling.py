@@ -54,6 +54,7 @@ def test_copies_are_exact_and_fuse_the_same(case, copier):
     assert_same_graph_module(fuse(copied), fuse(gm), X)
     if case == "adapted":
         assert all(torch.equal(a, b) for a, b in zip(gradients(copied, X), gradients(gm, X)))
+        assert_same_graph_module(fxtune.merge(copied, "a"), fxtune.merge(gm, "a"), X)
 
 
 def test_pickle_holds_no_code():
