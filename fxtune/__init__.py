@@ -31,6 +31,7 @@ from .graph.sites import Site
 from .inspection import coverage, diff, summary, trainable_parameters
 from .io.adapter_files import load_adapters, save_adapters
 from .io.export import export_onnx, export_program
+from .io.graph_files import GraphFileError, load, save
 from .io.peft_format import PeftFormat, PeftModule
 from .io.swap_base import swap_base
 from .kit import MaskSpec, Restructure, Rewrite, channel_masks, per_site, weight_mask
@@ -46,6 +47,7 @@ __all__ = [
     "Emitter",
     "ExportError",
     "FusionError",
+    "GraphFileError",
     "FxtuneError",
     "FxtuneWarning",
     "MaskSpec",
@@ -74,6 +76,7 @@ __all__ = [
     "get_pass",
     "hotswap",
     "live_source",
+    "load",
     "load_adapters",
     "merge",
     "pass_names",
@@ -82,6 +85,7 @@ __all__ = [
     "register_kind",
     "register_pass",
     "registered_kinds",
+    "save",
     "save_adapters",
     "set_active",
     "sites",

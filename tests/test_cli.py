@@ -98,7 +98,7 @@ def test_apply_out_writes_adapter_files_that_load_back(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"wrote adapter 'default' (lora, fxtune format): {tmp_path}" in out
     assert f"wrote adapter 'scales' (ia3, fxtune format): {tmp_path / 'scales'}" in out
-    assert sorted(os.listdir(tmp_path)) == ["adapters.json", "adapters.safetensors", "scales"]
+    assert sorted(os.listdir(tmp_path)) == ["adapters.json", "adapters.safetensors", "graph", "scales"]
     torch.manual_seed(3)
     model = MLP(d_in=6, d_hidden=12)  # the command's model: same seed, same keyword arguments
     gm = fxtune.load_adapters(fxtune.load_adapters(fxtune.trace(model), str(tmp_path)), str(tmp_path / "scales"))
@@ -111,22 +111,34 @@ def test_apply_out_writes_adapter_files_that_load_back(tmp_path, capsys):
 
 def test_apply_out_in_peft_format(tmp_path, capsys):
     assert main(["apply", "core_helpers:MLP", "--pass", "lora:r=2", "--out", str(tmp_path), "--format", "peft"]) == 0
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "graph"]
     with open(tmp_path / "adapter_config.json") as f:
         assert json.load(f)["target_modules"] == ["fc1", "fc2"]
 
 
-def test_apply_out_with_nothing_to_write_is_an_error_and_graph_files_use_the_hook(tmp_path, capsys, monkeypatch):
-    argv = ["apply", "core_helpers:MLP", "--pass", "lora:r=2", "--pass", "fuse", "--out", str(tmp_path / "a")]
-    if not hasattr(fxtune, "save"):
-        assert main(argv) == 2
-        assert "no adapters to write" in capsys.readouterr().err
-    saved = []
-    monkeypatch.setattr(fxtune, "save", lambda gm, path: saved.append((gm, path)), raising=False)
+def test_apply_out_saves_the_graphmodule_then_show_and_export_read_it(tmp_path, capsys):
+    """apply --out writes the result with fxtune.save (also a fused one, which has no adapters);
+    `fxtune show DIR` loads and lists it; `fxtune export DIR` writes checked .pt2 and ONNX files."""
+    argv = ["apply", "core_helpers:MLP", "--seed", "1", "--pass", "lora:r=2,targets=fc1", "--out", str(tmp_path / "a")]
     assert main(argv) == 0
-    assert [path for _, path in saved] == [str(tmp_path / "a" / "graph")]
-    assert isinstance(saved[0][0], torch.fx.GraphModule) and not fxtune.adapters(saved[0][0])
     assert f"wrote GraphModule: {tmp_path / 'a' / 'graph'}" in capsys.readouterr().out
+    saved = fxtune.load(str(tmp_path / "a" / "graph"))
+    assert [a.name for a in fxtune.adapters(saved)] == ["default"]
+    assert main(["show", str(tmp_path / "a")]) == 0
+    shown = capsys.readouterr().out
+    assert "default:lora[" in shown and "1/2 sites adapted" in shown
+    assert main(["apply", "core_helpers:MLP", "--pass", "lora:r=2", "--pass", "fuse", "--out", str(tmp_path / "f")]) == 0
+    fused = fxtune.load(str(tmp_path / "f" / "graph"))
+    assert not fxtune.adapters(fused) and os.listdir(tmp_path / "f") == ["graph"]
+    pt2, onnx_file = tmp_path / "m.pt2", tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "a"), "--pt2", str(pt2), "--onnx", str(onnx_file), "--input-shape", "3,16"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {pt2}" in out and f"wrote {onnx_file}" in out
+    x = torch.randn(5, 16)  # another batch size: the batch dimension stays dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(pt2)).module()(x), saved.eval()(x), rtol=1e-5, atol=1e-6)
+    assert main(["export", str(tmp_path / "nothing"), "--pt2", str(pt2), "--input-shape", "3,16"]) == 2
+    assert "holds no saved GraphModule" in capsys.readouterr().err
 
 
 def test_the_change_check_moves_the_adapters_off_their_no_op_start(capsys):
@@ -203,4 +215,4 @@ def test_the_readme_gpt2_example_prints_what_it_shows(tmp_path, capsys, monkeypa
 
     assert comparable(printed) == comparable(shown)
     assert float(printed.split("with those tensors:")[1].split()[0]) < 1e-5
-    assert sorted(os.listdir(tmp_path / "gpt2-lora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "gpt2-lora")) == ["adapter_config.json", "adapter_model.safetensors", "graph"]

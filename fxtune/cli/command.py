@@ -3,6 +3,8 @@
     fxtune show torchvision:resnet18
     fxtune apply torchvision:resnet18 --pass lora:r=8,targets=layer4.* --pass fuse --summary --diff
     fxtune apply transformers:GPT2Config --model-kwargs n_layer=2,n_embd=64 --input-shape 2,16 --pass lora:r=4 --out out/
+    fxtune show out/                     # a saved GraphModule (apply --out writes it to out/graph)
+    fxtune export out/ --pt2 model.pt2 --onnx model.onnx --input-shape 2,16
     fxtune demo
 """
 
@@ -25,6 +27,7 @@ from ..version import __version__
 from .model_specs import DEFAULT_MODEL, FORMS, default_frontend, load_model
 from .options import example_input, input_dtype, parse_keywords, parse_shape, parse_value
 from .results import change_report, write_result
+from .saved import add_export_command, graph_dir, load_saved
 
 
 def parse_pass(spec: str) -> functools.partial:
@@ -62,7 +65,10 @@ def _traced(args: argparse.Namespace) -> tuple[nn.Module, fx.GraphModule, torch.
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    _, gm, _ = _traced(args)
+    if graph_dir(args.model) is not None:
+        gm = load_saved(args.model, args.allow)
+    else:
+        _, gm, _ = _traced(args)
     print(summary(gm))
     if args.code:
         print(gm.code)
@@ -96,7 +102,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _model_options() -> argparse.ArgumentParser:
     """The options `show` and `apply` share: which model, how to build it, how to trace it."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{FORMS} (default {DEFAULT_MODEL})")
+    common.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"{FORMS} (default {DEFAULT_MODEL}); for show, also a directory a GraphModule was saved in")
     common.add_argument("--model-kwargs", metavar="JSON|k=v,...",
                         help='keyword arguments for the model (or its config): {"num_classes": 10} or n_layer=2,n_embd=64')
     common.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
@@ -118,16 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     common = _model_options()
     show = sub.add_parser("show", parents=[common], help="trace a model and list its call sites")
     show.add_argument("--code", action="store_true", help="also print the traced code")
+    show.add_argument("--allow", action="append", default=[], metavar="QUALNAME",
+                      help="for a saved GraphModule: a function or module class its graph may name beyond fxtune's allow-list")
     show.set_defaults(run=cmd_show)
     apply = sub.add_parser("apply", parents=[common], help="trace a model and run passes on it")
     apply.add_argument("--pass", dest="passes", action="append", required=True, metavar="NAME[:k=v,...]",
                        help="a pass and its options, e.g. lora:r=8,targets=layer4.*; repeat to chain")
     apply.add_argument("--summary", action="store_true", help="print the sites table of the result")
     apply.add_argument("--diff", action="store_true", help="print the code diff traced -> result")
-    apply.add_argument("--out", metavar="DIR", help="write the result's adapters into DIR (others than 'default' into DIR/NAME)")
+    apply.add_argument("--out", metavar="DIR", help="write the result into DIR: the GraphModule (DIR/graph, fxtune.save) and "
+                       "its adapters (the 'default' one into DIR, others into DIR/NAME)")
     apply.add_argument("--format", choices=("fxtune", "peft"), default="fxtune", help="adapter file format for --out")
     apply.add_argument("--overwrite", action="store_true", help="with --out: replace another format's files there")
     apply.set_defaults(run=cmd_apply)
+    add_export_command(sub)
     demo = sub.add_parser("demo", help="trace, LoRA, train a few steps, fuse and verify resnet18")
     demo.add_argument("--steps", type=int, default=8)
     demo.set_defaults(run=cmd_demo)

@@ -14,8 +14,9 @@ from ..adapter.lifecycle import adapters
 from ..errors import FxtuneError
 from ..inspection import trainable_parameters
 from ..io.adapter_files import save_adapters
+from ..io.graph_files import save
+from .saved import GRAPH_DIR
 
-GRAPH_DIR = "graph"  # where `--out` puts the GraphModule, once fxtune can write graph files
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -54,31 +55,15 @@ def change_report(model: nn.Module, result: fx.GraphModule, x: torch.Tensor) -> 
         ]
 
 
-def _write_graph(gm: fx.GraphModule, path: str) -> str | None:
-    """The hook for graph files: `fxtune.save(gm, path)` writes the GraphModule once that format exists."""
-    import fxtune
-
-    save = getattr(fxtune, "save", None)
-    if save is None:
-        return None
-    save(gm, path)
-    return path
-
-
 def write_result(gm: fx.GraphModule, out: str, *, format: str = "fxtune", overwrite: bool = False) -> list[str]:
     """Writes every adapter of gm (the "default" one into `out`, others into `out/<name>`, PEFT's
-    layout) and the GraphModule itself into `out/graph` when graph files exist; returns what it wrote."""
+    layout) and the GraphModule itself into `out/graph` (fxtune.save); returns what it wrote."""
     written = []
     for info in adapters(gm):
         path = out if info.name == "default" else os.path.join(out, info.name)
         save_adapters(gm, path, info.name, format=format, overwrite=overwrite)
         written.append(f"adapter '{info.name}' ({info.kind}, {format} format): {path}")
-    graph = _write_graph(gm, os.path.join(out, GRAPH_DIR))
-    if graph:
-        written.append(f"GraphModule: {graph}")
-    if not written:
-        raise FxtuneError(
-            f"--out {out}: the result has no adapters to write (fuse folded them into the weights), and this fxtune "
-            "cannot write a GraphModule yet (fxtune.save); leave out fuse to write the adapter files"
-        )
+    graph = os.path.join(out, GRAPH_DIR)
+    save(gm, graph)
+    written.append(f"GraphModule: {graph} (fxtune.load({graph!r}) reads it back)")
     return written

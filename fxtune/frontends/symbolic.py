@@ -13,9 +13,13 @@ from .explain import user_frames
 
 
 class _Tracer(fx.Tracer):
-    """symbolic tracing with user leaf modules, remembering which module it was inside."""
+    """symbolic tracing with user leaf modules, remembering which module it was inside.
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
+    Its arguments have defaults: fx re-creates a graph's tracer class with no arguments (e.g.
+    when a plain GraphModule holding this graph is unpickled).
+    """
+
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names

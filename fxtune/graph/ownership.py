@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -92,7 +93,7 @@ def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str = "Grap
     gm._parameters = OrderedDict(root._parameters)
     gm._buffers = OrderedDict(root._buffers)
     gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set)
-    gm.training = root.training
+    gm.training = root.training  # root's own flag only: its children keep their own train/eval modes
     if isinstance(getattr(root, "meta", None), dict):
         gm.meta.update(root.meta)
     for key, value in root.__dict__.items():
@@ -105,7 +106,20 @@ def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str = "Grap
     gm._tracer_extras = graph._tracer_extras
     if compile:
         gm.recompile()
+    for hook in _ON_BUILD:
+        hook(gm)
     return gm
+
+
+_ON_BUILD: list[Callable[[fx.GraphModule], None]] = []
+
+
+def on_build(hook: Callable[[fx.GraphModule], None]) -> Callable[[fx.GraphModule], None]:
+    """Registers `hook(gm)` to run on every GraphModule fxtune builds: how a higher layer (io's
+    pickling, which makes fxtune GraphModules pickle as data) reaches them without this layer
+    importing it."""
+    _ON_BUILD.append(hook)
+    return hook
 
 
 def _adopt_constants(root: nn.Module, gm: fx.GraphModule, graph: fx.Graph) -> None:
