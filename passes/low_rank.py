@@ -88,8 +88,8 @@ def _layers(site: fxtune.Site, a: torch.Tensor, b: torch.Tensor) -> list[nn.Modu
     else:
         first = cls(site.in_features, width, bias=False, **options)
         second = cls(width, site.out_features, bias=site.has_bias, **options)
-    first.weight = nn.Parameter(a.reshape(first.weight.shape))
-    second.weight = nn.Parameter(b.reshape(second.weight.shape))
+    first.weight = nn.Parameter(a.reshape(first.weight.shape).contiguous())
+    second.weight = nn.Parameter(b.reshape(second.weight.shape).contiguous())
     if site.has_bias:
         second.bias = nn.Parameter(mod.bias.detach(), requires_grad=False)  # shared read-only, like every base parameter
     return [first, second]

@@ -184,3 +184,14 @@ def test_full_finetune_of_traced_module_leaves_model():
         opt.step()
     assert not torch.equal(full(x), before)
     assert_unchanged(model, snap)
+
+
+def test_an_owned_rnn_runs_on_its_own_parameters():
+    """nn.LSTM keeps a list of its Parameter objects (_flat_weights); the owned copy's list is its own."""
+    model = nn.Sequential(nn.LSTM(4, 6, batch_first=True)).eval()
+    gm = fxtune.trace(model)
+    lstm = gm.get_submodule("0")
+    assert all(w is getattr(lstm, n) for w, n in zip(lstm._flat_weights, lstm._flat_weights_names))
+    assert not any(w is p for w in lstm._flat_weights for p in model.parameters())
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(gm(x)[0], model(x)[0])

@@ -57,6 +57,8 @@ def own_module_tree(
             k: None if m is None else own(m, cloned or (module is root and k == copy_prefix))
             for k, m in module._modules.items()
         }
+        if isinstance(new, nn.RNNBase):  # its flat weight list still names the source's Parameter objects
+            new._init_flat_weights()
         return new
 
     return own(root, False)
