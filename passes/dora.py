@@ -121,13 +121,13 @@ def dora(
     for target, found in rw.select(targets, exclude=exclude).items():
         site = found[0]
         config = _settings(site, r=r, alpha=alpha, rslora=rslora)
-        weight = rw.weight(target)
+        weight = rw.entering_weight(target)  # what DoRA rescales: the weight under the adapters already on it
         magnitude = _row_norm(weight.double()).to(weight.dtype)
         if not bool((magnitude > 0).all()):
             rows = torch.nonzero(magnitude == 0).flatten().tolist()
             raise AdapterError(
-                f"'{site.name}' has all-zero weight rows {rows[:8]}: DoRA's direction W/‖W‖ is undefined there; "
-                "exclude this site (exclude=...) or remove those channels first"
+                f"'{site.name}' has all-zero weight rows {rows[:8]} (with the adapters already on it): DoRA's "
+                "direction W/‖W‖ is undefined there; exclude this site (exclude=...) or remove those channels first"
             )
         rank = config["r"]
         a = nn.init.kaiming_uniform_(weight.new_empty((rank, weight.shape[1], *site.kernel_size)), a=math.sqrt(5))

@@ -49,7 +49,7 @@ def _factors(weight: torch.Tensor, groups: int) -> dict[str, torch.Tensor]:
 
 
 def _restore(site: fxtune.Site, weight: torch.Tensor, config: dict, tensors: dict) -> dict:
-    """A reloaded adapter's U, σ, Vᵀ: not saved, derived again from the base weight."""
+    """A reloaded adapter's U, σ, Vᵀ: not saved, derived again from the weight as it reaches the adapter."""
     return {"buffers": _factors(weight, site.groups)}
 
 
@@ -68,7 +68,7 @@ def svdiff(
     group on grouped convs); returns a new GraphModule. Weight form only."""
     rw = fxtune.Rewrite(gm, kind="svdiff", adapter=adapter)
     for target, found in rw.select(targets, exclude=exclude).items():
-        weight = rw.weight(target)
+        weight = rw.entering_weight(target)  # the spectrum of the weight as it reaches this adapter
         if weight.is_meta:
             raise AdapterError(
                 f"svdiff needs the values of '{target}' (for its SVD) but it is on the meta device; load the weights first"

@@ -39,8 +39,8 @@ def train_module(
     """
     rw = fxtune.Rewrite(gm, kind="train_module", adapter=adapter)
     for weight, found in rw.select(targets, exclude=exclude).items():
-        params = {"weight_copy": rw.weight(weight)}
-        bias = rw.bias(weight)
+        copy, bias = rw.entering(weight)  # a copy of the layer as it is, adapters already on it included
+        params = {"weight_copy": copy}
         if bias is not None:
             params["bias_copy"] = bias
         elif found[0].has_bias:

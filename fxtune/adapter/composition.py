@@ -28,8 +28,9 @@ def compose(
 
     `inputs(slot)` gives the slot's tensors and settings as `call` needs them; `kept` (dim,
     indices) are entries of the canonical weight that keep W's values (an embedding's padding
-    row); `adapt_bias=False` leaves the bias as it is (a use that sees the weight transposed);
-    `weight=None` adapts the bias alone.
+    row), after every adapter, so each adapter sees them as they were whether the ones before it
+    are merged or not; `adapt_bias=False` leaves the bias as it is (a use that sees the weight
+    transposed); `weight=None` adapts the bias alone.
     """
     w = weight
     for slot in slots:
@@ -37,10 +38,10 @@ def compose(
         values = inputs(slot)
         if w is not None:
             w = call(slot, kind.weight, w, role=f"{kind.name}_weight", **kind.accepted(kind.weight, values))
+            if kept is not None:
+                w = call(slot, keep_index, w, weight, kept[1], kept[0], role="keep_padding")
         if bias is not None and adapt_bias and kind.acts_on_bias(slot.config):
             bias = call(slot, kind.bias, bias, role=f"{kind.name}_bias", **kind.accepted(kind.bias, values))
-    if kept is not None and w is not None:
-        w = call(None, keep_index, w, weight, kept[1], kept[0], role="keep_padding")
     return w, bias
 
 

@@ -103,9 +103,10 @@ def _emit_value(gm: fx.GraphModule, site: Site, slots: list[AdapterSlot]) -> Non
     bias_path = site.use_ref.bias
     if not changes_bias(slots) or bias_path is None or not site.canonical:
         return
-    readers = {b for u in consumers for b in u.all_input_nodes if b.op == "get_attr" and b.target == bias_path and TAG not in b.meta}
-    for bias in sorted(readers, key=order.__getitem__):
-        users = [u for u in bias.users if u in consumers]
+    # every read of the layer's bias, beside the weight's consumers or not: fusion changes the parameter itself
+    readers = [n for n in graph.nodes if n.op == "get_attr" and n.target == bias_path and TAG not in n.meta and n.users]
+    for bias in readers:
+        users = list(bias.users)
         with graph.inserting_before(min(users, key=order.__getitem__)):
             _, b = root.adapted_weight(None, bias, slots)
         b.meta[TAG]["replaces"] = bias.name

@@ -217,7 +217,7 @@ def _recreate(rw: Rewrite, site: Any, rec: dict, tensors: dict[str, torch.Tensor
     """One slot from its record, its tensors in the weight's dtype; parameters saved as one shared
     tensor become one Parameter again."""
     kind = get_kind(rec["kind"])
-    weight = rw.weight(rec["target"])
+    weight = rw.entering_weight(rec["target"])  # what kinds derive their tensors from, as when created
     tensors = cast_like(tensors, weight, f"'{rec['target']}' of {source}")
     extra = (kind.restore(site, weight, rec["config"], tensors) if kind.restore else None) or {}
     if extra.get("base_weight") is not None:

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..adapter.base_weights import replace_base
+from ..adapter.base_weights import replace_base, replaced_by
 from ..adapter.kinds import get_kind
+from ..adapter.fusion import folded_tensors
 from ..adapter.realise import rebuild
-from ..adapter.slots import AdapterSlot, add_slot, all_slots, next_order
+from ..adapter.slots import AdapterSlot, add_slot, all_slots, next_order, slots_on
 from ..errors import AdapterError
 from .working_copy import WorkingCopy
 
@@ -51,12 +52,55 @@ class Rewrite(WorkingCopy):
                     f"kind. Give the {self.kind.name} adapter another name: adapter='...'"
                 )
 
+    def adapters_on(self, weight_name: str) -> list[AdapterSlot]:
+        """The adapters already on a weight (active or not, merged or not), in composition order."""
+        return slots_on(self.gm, weight_name, active_only=False)
+
+    def entering(self, weight_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W, b) as a new adapter on this weight will receive them: the base under the active adapters
+        already acting on it (merged ones are in the base already), canonical view, detached. A kind that
+        derives tensors from the weight (a magnitude, singular vectors, a copy) derives them from this,
+        so it starts as the identity on top of what is there."""
+        site = self.site(weight_name)
+        weight, bias = self.weight(weight_name), self.bias(weight_name)
+        acting = [s for s in slots_on(self.gm, weight_name) if not s.merged]
+        if not acting or weight.is_meta:  # no values to compose: the kind sees the base (and may refuse meta)
+            return weight, bias
+        return folded_tensors(weight, bias, acting, site.kept)
+
+    def entering_weight(self, weight_name: str) -> torch.Tensor:
+        """The weight part of `entering`."""
+        return self.entering(weight_name)[0]
+
     def replace_base_weight(self, weight_name: str, weight: torch.Tensor) -> None:
         """Gives the GraphModule's own copy of a weight a new (frozen) canonical value; the model's stays.
 
-        The replaced weight is remembered, so `fxtune.unload` gives back the traced weights.
+        The replaced weight is remembered, so `fxtune.unload` gives back the traced weights. Adapters
+        already on the weight then act on the new base: allowed only when what they add does not depend
+        on the weight (checked on their current tensors: LoRA's B@A does not, IA³'s scaling does), and
+        never on a merged weight (unmerge puts the pre-merge weight back).
         """
-        replace_base(self.store, self.site(weight_name).weight_ref, weight.detach().clone(), by=self.adapter)
+        present = self.adapters_on(weight_name)
+        site = self.site(weight_name)
+        base, bias = self.store.read(site.weight_ref)
+        merged = sorted({s.adapter for s in present if s.merged})
+        acting = [s for s in present if not s.merged]
+        replaced = replaced_by(self.store, site.weight_ref)
+        problem = f"adapters {merged} are merged into it" if merged else None
+        if replaced is not None:
+            problem = f"adapter '{replaced}' already replaced it"
+        if acting and problem is None:
+            before = folded_tensors(base, bias, acting, site.kept)[0].double() - base.double()
+            after = folded_tensors(weight, bias, acting, site.kept)[0].double() - weight.double()
+            if not torch.allclose(before, after, rtol=1e-4, atol=1e-6 * float(base.abs().max().clamp_min(1e-12))):
+                problem = f"adapters {sorted({s.adapter for s in acting})} act on it in a way that depends on the weight"
+        if problem:
+            raise AdapterError(
+                f"adapter '{self.adapter}' ({self.kind.name}) would replace the base weight of '{weight_name}', but "
+                f"{problem}, so they would compute something else; add it before them on this weight, or choose an "
+                "init that keeps the base weight"
+            )
+        replace_base(self.store, site.weight_ref, weight.detach().clone(), by=self.adapter)
 
     def attach(
         self,
