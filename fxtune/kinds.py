@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
@@ -36,6 +36,15 @@ class AdapterKind:
                                      (e.g. dropout on activations); forcing it there is then an error
     changes_bias(**settings)         optional, whether `bias` changes anything under these settings (IA³ on
                                      the input side leaves it alone); no bias node is emitted or folded if not
+    channel_axes                     optional, how the adapter's tensors follow the weight's channels, so that
+                                     structured pruning can slice them: {tensor name: {"out": axis, "in": axis,
+                                     "in_group": axis}}, or a function (site, config) -> that. "out" indexes the
+                                     output channels (rows of the canonical (out, in/groups, *kernel) weight),
+                                     "in" the input channels/features over all groups, "in_group" the weight's
+                                     dim 1 (in/groups; the same as "in" unless the conv is grouped). An axis may be
+                                     (axis, block), each entry covering `block` channels, or None: the tensor
+                                     depends on those channels but cannot be sliced. Unnamed tensors do not follow
+                                     channels. A kind without it is refused by pruning (fuse first)
     `inputs` holds the adapter's tensors (parameters and persistent buffers) and its settings.
     """
 
@@ -49,6 +58,7 @@ class AdapterKind:
     activation_reads_weight: bool = False
     weight_blocker: Callable[..., str | None] | None = None
     changes_bias: Callable[..., bool] | None = None
+    channel_axes: Mapping[str, Mapping[str, Any]] | Callable[..., Mapping[str, Mapping[str, Any]]] | None = None
     _accepts: dict = field(default_factory=dict, compare=False, repr=False)
 
     def acts_on_bias(self, settings: dict[str, Any]) -> bool:
