@@ -35,6 +35,7 @@ class Items:
         self.parent: list[int] = []
         self.reasons: dict[int, list[Reason]] = {}
         self.consumed: list[tuple[str, Tensor]] = []  # (what, items) summed away by something that is no layer
+        self.split_units: set[int] = set()  # items standing for a block a view split off (a head)
 
     def new(self, n: int) -> Tensor:
         start = len(self.parent)
@@ -85,6 +86,13 @@ class Items:
         for i in set(ids.flatten().tolist()):
             if i >= 0:
                 self._note(self.find(i), reason)
+
+    def from_split(self, ids: Tensor) -> bool:
+        """Whether any of these items stands for a block that a view split channels into (a head, a shuffle group)."""
+        if not self.split_units:
+            return False
+        split = {self.find(i) for i in self.split_units}
+        return any(self.find(i) in split for i in ids.tolist() if i >= 0)
 
     def roots(self) -> Tensor:
         """The root of every item, as one tensor (index by item id)."""
@@ -249,6 +257,10 @@ def reshape(items: Items, flow: Flow, shape: Sequence[int], label: str) -> Flow:
                 items.block(flow.ids[d], Reason(HARD, f"{label} {why}"))
             continue
         c = carried[0]
+        inner = any(flow.shape[d] > 1 for d in a_dims[:a_dims.index(c)])
+        if inner and len(b_dims) < len(a_dims) and items.from_split(flow.ids[c]):
+            items.block(flow.ids[c], Reason(HARD, f"{label} interleaves channel groups that a view split off (a channel "
+                                                  "shuffle): the groups cannot lose channels separately"))
         sizes = [flow.shape[d] for d in a_dims]
         view = [flow.shape[d] if d == c else 1 for d in a_dims]
         target = [shape[d] for d in b_dims]
@@ -265,6 +277,7 @@ def reshape(items: Items, flow: Flow, shape: Sequence[int], label: str) -> Flow:
                     items.block(row, Reason(HARD, f"{label} splits channels into blocks that mix them with untraced positions"))
                 items.union_all(row)
             ids = moved.max(1).values
+            items.split_units.update(i for i in ids.tolist() if i >= 0)
             zero = zgrid.movedim(axis, 0).reshape(target[axis], -1).all(1)
         else:
             index = [0] * len(target)

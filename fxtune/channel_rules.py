@@ -174,6 +174,8 @@ class Analysis(OpRules):
             if read is not None:
                 self.items.union(read, raw[in_axis])
         else:
+            if read is None:
+                self.items.block(rows, Reason(HARD, f"'{site.name}' is a grouped conv whose input channels are not traced"))
             per, width = weight.shape[1], rows.numel() // site.groups
             for g in range(site.groups):
                 unit = rows[g * width:(g + 1) * width]

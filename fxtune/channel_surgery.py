@@ -169,17 +169,17 @@ class Surgery:
             return
         member = entries[0][0]
         literal = member.literal
-        if kind == "module":
+        size = literal.ids.numel()
+        if kind == "module":  # absolute: fix_attributes may already have set it from the new tensors
             module = self.modules[node_name]
             value = getattr(module, literal.extra)
             if isinstance(value, tuple):
-                value = tuple(v - gone.numel() if i == dim else v for i, v in enumerate(value))
+                value = tuple(size - gone.numel() if i == dim else v for i, v in enumerate(value))
             else:
-                value = value - gone.numel()
+                value = size - gone.numel()
             setattr(module, literal.extra, value)
             return
         node = next(n for n in self.gm.graph.nodes if n.name == node_name)
-        size = literal.ids.numel()
         if kind in ("sizes", "unflatten"):
             _edit_sizes(node, kind, dim, gone.numel(), literal.extra, size)
         elif kind == "split":

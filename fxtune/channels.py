@@ -44,6 +44,7 @@ class Member:
     positions: Tensor
     units: Tensor
     literal: Literal | None = None
+    size: int = 0  # the length of the member's axis (all groups)
 
     @property
     def offset(self) -> int:
@@ -256,4 +257,4 @@ def _attach_members(analysis: Analysis, groups: list[ChannelGroup], rooted, grou
         g[valid] = group_of[r[valid]]
         for number in sorted(set(g[g >= 0].tolist())):
             positions = (g == number).nonzero().flatten()
-            groups[number].members.append(Member(name, role, axis, positions, unit_of[r[positions]], literal))
+            groups[number].members.append(Member(name, role, axis, positions, unit_of[r[positions]], literal, ids.numel()))

@@ -83,7 +83,8 @@ def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.
 
 
 KIND = fxtune.register_kind(
-    AdapterKind("dora", weight=dora_weight, activation=_activation, activation_reads_weight=True)
+    AdapterKind("dora", weight=dora_weight, activation=_activation, activation_reads_weight=True,
+                channel_axes={"lora_a": {"in_group": None}, "lora_b": {"out": 0}, "magnitude": {"out": 0}})
 )
 
 

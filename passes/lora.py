@@ -49,7 +49,8 @@ def _needs_activations(config: dict) -> str | None:
 
 
 KIND = fxtune.register_kind(
-    AdapterKind("lora", weight=lora_weight, activation=_activation, restore=_restore, weight_blocker=_needs_activations)
+    AdapterKind("lora", weight=lora_weight, activation=_activation, restore=_restore, weight_blocker=_needs_activations,
+                channel_axes={"lora_a": {"in_group": 1}, "lora_b": {"out": 0}, "pissa_a0": {"in_group": 1}, "pissa_b0": {"out": 0}})
 )
 
 

@@ -88,12 +88,22 @@ def keep_count(units: int, ratio: float, unit_size: int, round_to: int) -> int:
     return max(1, keep)
 
 
-def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """A removal mask over units: the `count` lowest scores (ties by position)."""
+def _lowest(group: ChannelGroup, scores: torch.Tensor, count: int) -> torch.Tensor:
+    """A removal mask over units: the `count` lowest scores (ties by position), never emptying a tensor."""
     order = torch.argsort(scores, stable=True)
     remove = torch.zeros(scores.numel(), dtype=torch.bool)
     remove[order[:count]] = True
+    for unit in reversed(order[:count].tolist()):
+        if not emptied(group, remove):
+            break
+        remove[unit] = False
     return remove
+
+
+def emptied(group: ChannelGroup, remove: torch.Tensor) -> list[str]:
+    """Tensors that would lose every position along an axis (a layer with no channel left, which torch refuses)."""
+    return sorted({m.name for m in group.members if m.literal is None and m.role not in ("consumed",)
+                   and m.channels == m.size and bool(remove[m.units].all())})
 
 
 def _from_masks(groups: ChannelGroups, masks: dict, allow_norm_change: bool) -> dict[str, torch.Tensor]:
@@ -113,6 +123,10 @@ def _from_masks(groups: ChannelGroups, masks: dict, allow_norm_change: bool) -> 
         units = group.units_of(keep.cpu())
         if not bool(units.any()):
             raise StructureError(f"masks['{name}'] removes every channel of the group; keep at least one")
+        empty = emptied(group, ~units)
+        if empty:
+            raise StructureError(f"masks['{name}'] removes every channel of {empty[:4]}, which a layer cannot have; keep at least "
+                                 "one of their channels")
         remove[name] = ~units
     return remove
 
@@ -120,7 +134,7 @@ def _from_masks(groups: ChannelGroups, masks: dict, allow_norm_change: bool) -> 
 def _from_ratio(gm, groups, ratio, chosen, importance, global_ranking, round_to, seed, products) -> dict[str, torch.Tensor]:
     scores = {g.name: scores_for(gm, g, importance, seed=seed, products=products) for g in chosen}
     if not global_ranking:
-        return {g.name: _lowest(scores[g.name], g.units - keep_count(g.units, _ratio_of(g, ratio), g.unit_size, round_to))
+        return {g.name: _lowest(g, scores[g.name], g.units - keep_count(g.units, _ratio_of(g, ratio), g.unit_size, round_to))
                 for g in chosen}
     pool = []
     for g in chosen:
@@ -142,7 +156,7 @@ def _from_ratio(gm, groups, ratio, chosen, importance, global_ranking, round_to,
     out = {}
     for g in chosen:
         keep = keep_count(g.units, removed[g.name] / g.units, g.unit_size, round_to)
-        out[g.name] = _lowest(scores[g.name], g.units - keep)
+        out[g.name] = _lowest(g, scores[g.name], g.units - keep)
     return out
 
 

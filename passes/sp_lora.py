@@ -62,7 +62,11 @@ def centre(delta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.pad(delta.view(*delta.shape, *([1] * (w.dim() - 2))), pad)
 
 
-KIND = fxtune.register_kind(AdapterKind("sp_lora", weight=sp_lora_weight, bias=sp_lora_bias))
+KIND = fxtune.register_kind(AdapterKind(
+    "sp_lora", weight=sp_lora_weight, bias=sp_lora_bias,
+    channel_axes={"sp_lora_c": {"out": 0}, "sp_lora_c_mask": {"out": 0}, "sp_lora_r": {"in_group": 1},
+                  "sp_lora_r_mask": {"in_group": 1}, "in_mask": {"in": 0}, "out_mask": {"out": 0}},
+))
 
 
 def sp_lora(

@@ -44,7 +44,11 @@ def sp_para_bias(b: torch.Tensor, *, out_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(out_mask, b, 0.0)
 
 
-KIND = fxtune.register_kind(AdapterKind("sp_para", weight=sp_para_weight, bias=sp_para_bias))
+KIND = fxtune.register_kind(AdapterKind(
+    "sp_para", weight=sp_para_weight, bias=sp_para_bias,
+    channel_axes={"sp_para_p": {"out": 0, "in_group": 1}, "sp_para_p_mask": {"out": 0, "in_group": 1},
+                  "in_mask": {"in": 0}, "out_mask": {"out": 0}},
+))
 
 
 def sp_para(
