@@ -30,12 +30,13 @@ class _Inputs(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, watched: dict[str, Site]):
         super().__init__(gm)
-        self.watched = watched
+        by_name = {n.name: n for n in gm.graph.nodes}
+        self.inputs = {name: by_name[s.input.name] for name, s in watched.items() if isinstance(s.input, fx.Node)}
         self.seen: dict[str, Tensor] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.name in self.watched:
-            x = self.env[self.watched[n.name].input] if isinstance(self.watched[n.name].input, fx.Node) else None
+        if n.name in self.inputs:
+            x = self.env.get(self.inputs[n.name])
             if isinstance(x, Tensor):
                 self.seen[n.name] = x.detach()
         return super().run_node(n)
@@ -118,7 +119,7 @@ def compensate_constants(
                 continue
             weight = tensor_at(gm, path)
             canonical = weight.t() if site.own.transposed else weight
-            columns = canonical.double().index_select(1, gone).flatten(2).sum(2)
+            columns = canonical.double().index_select(1, gone).reshape(canonical.shape[0], gone.numel(), -1).sum(2)
             delta = columns @ constant.double()
             old = deltas.get(path, (site, torch.zeros(canonical.shape[0], dtype=torch.float64)))[1]
             deltas[path] = (site, old + delta)
