@@ -9,15 +9,17 @@ torch.export graph (aten ops on get_attr weights).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
 from . import channel_flow as cf
-from .channel_flow import HARD, NORM, Flow, Items, Literal, Reason, TensorMember
-from .channel_ops import SPATIAL, OpRules, keeps_zero_of, spatial_dims
+from .channel_flow import Flow
+from .channel_items import HARD, NORM, Items, Literal, Reason, TensorMember
+from .channel_names import SPATIAL
+from .channel_ops import OpRules, keeps_zero_of, spatial_dims
+from .channel_shape_ops import ShapeRules
 from .errors import SelectionError
 from .selection import sites as find_sites
 from .sites import Site
@@ -26,7 +28,7 @@ from .sites import Site
 _NORM_ROLES = {"weight": "norm_weight", "bias": "norm_bias", "running_mean": "norm_stat", "running_var": "norm_stat"}
 
 
-class Analysis(OpRules):
+class Analysis(OpRules, ShapeRules):
     """One pass over a graph in order, keeping every node's value and what it found."""
 
     def __init__(self, gm: fx.GraphModule, shapes: dict[fx.Node, Any]):
@@ -173,6 +175,8 @@ class Analysis(OpRules):
         if site.groups == 1:
             if read is not None:
                 self.items.union(read, raw[in_axis])
+            elif x.shape[cdim] > 1:
+                self.items.block(raw[in_axis], Reason(HARD, f"'{site.name}' also reads channels that are not traced (e.g. a graph input)"))
         else:
             if read is None:
                 self.items.block(rows, Reason(HARD, f"'{site.name}' is a grouped conv whose input channels are not traced"))

@@ -89,16 +89,31 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def _fake_copy(gm: fx.GraphModule, mode: FakeTensorMode) -> fx.GraphModule:
-    """A copy of `gm` whose parameters and buffers are fake tensors (the GraphModule's own are not touched)."""
+def _copy_on(gm: fx.GraphModule, convert) -> fx.GraphModule:
+    """A copy of `gm` whose parameters and buffers are `convert`ed (the GraphModule's own are not touched)."""
     copy = clone_graph_module(gm, freeze=False)
     for module in copy.modules():
         for store in (module._parameters, module._buffers):
             for name, t in list(store.items()):
                 if t is not None:
-                    fake = mode.from_tensor(t.detach())
-                    store[name] = nn.Parameter(fake, requires_grad=False) if isinstance(t, nn.Parameter) else fake
+                    new = convert(t.detach())
+                    store[name] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
     return copy
+
+
+def _record(gm: fx.GraphModule, example_inputs: tuple, sizes: _Sizes) -> dict[str, Any]:
+    """Runs gm once on meta tensors (fast), or on fake tensors where an op needs real devices (factories)."""
+    try:
+        recorder = _Recorder(_copy_on(gm, lambda t: torch.empty_like(t, device="meta")), sizes)
+        recorder.run(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs])
+        return recorder.found
+    except Exception:  # an op mixed devices or needs values: fake tensors behave like the real ones
+        pass
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    recorder = _Recorder(_copy_on(gm, mode.from_tensor), sizes)
+    with mode:
+        recorder.run(*[mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs])
+    return recorder.found
 
 
 def value_shapes(gm: fx.GraphModule, example_inputs: Any = None) -> dict[fx.Node, Any]:
@@ -116,17 +131,12 @@ def value_shapes(gm: fx.GraphModule, example_inputs: Any = None) -> dict[fx.Node
         )
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    copy = _fake_copy(gm, mode)
-    recorder = _Recorder(copy, sizes)
-    fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     try:
-        with mode:
-            recorder.run(*fake)
+        found = _record(gm, tuple(example_inputs), sizes)
     except Exception as exc:  # any op may refuse the inputs; say which and what to pass
         raise StructureError(
             f"running the graph on fake copies of example_inputs failed ({type(exc).__name__}: {exc}); pass "
             "inputs the model accepts (shapes and dtypes as in real use)"
         ) from exc
     by_name = {n.name: n for n in gm.graph.nodes}
-    return {by_name[name]: shape for name, shape in recorder.found.items() if name in by_name}
+    return {by_name[name]: shape for name, shape in found.items() if name in by_name}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .calls import FUNCTIONS
-from .channel_ops import op_name, sizes_arg
+from .channel_names import op_name, sizes_arg
 from .channels import ChannelGroup
 from .kinds import get_kind
 from .rewrite import rebuild, strip_sites

@@ -22,7 +22,7 @@ import torch
 from tabulate import tabulate
 from torch import Tensor, fx
 
-from .channel_flow import HARD, NORM, Literal, Reason
+from .channel_items import HARD, NORM, Literal, Reason
 from .channel_rules import Analysis
 from .channel_shapes import value_shapes
 from .ownership import clone_graph_module
@@ -118,6 +118,25 @@ class ChannelGroups(list):
     pruning pins them to constants, since a channel count never varies with the input."""
 
     constant_sizes: list = []
+    site_of_weight: dict = {}
+
+    def site_masks(self, keep: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """{site name: {"out_mask", "in_mask"}} that group keep masks imply for every site they touch: the
+        form pruning-aware adapters take (`sp_lora(gm, masks=groups.site_masks(keep))`), True = keep."""
+        found: dict[str, dict[str, Tensor]] = {}
+        for name, mask in keep.items():
+            group = self[name]
+            units = group.units_of(mask.cpu())
+            for m in group.members:
+                site = self.site_of_weight.get(m.name)
+                if site is None or m.role not in ("out", "in"):
+                    continue
+                key = "out_mask" if m.role == "out" else "in_mask"
+                masks = found.setdefault(site, {})
+                if key not in masks:
+                    masks[key] = torch.ones(m.size, dtype=torch.bool)
+                masks[key][m.positions] = units[m.units]
+        return found
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -240,6 +259,10 @@ def assemble(analysis: Analysis) -> ChannelGroups:
     _attach_members(analysis, groups, rooted, group_of, unit_of)
     found = ChannelGroups(groups)
     found.constant_sizes = list(analysis.constant_sizes)
+    found.site_of_weight = {}
+    for site in analysis.sites:
+        if site.call in ("module", "function") and site.own.rows is None:
+            found.site_of_weight.setdefault(site.own.path, site.name)
     return found
 
 

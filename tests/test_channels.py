@@ -116,6 +116,13 @@ def test_attention_heads_and_gated_mlp_hidden_features_of_a_plain_decoder():
     assert "computes a statistic" in groups["embed"].why_not  # the RMSNorm's mean over the residual stream
 
 
+def test_a_layer_called_twice_reading_a_graph_input_keeps_its_columns():
+    from core_helpers import Twice
+
+    groups = channel_groups(fxtune.trace(Twice()), example_inputs=(torch.randn(2, 8),))
+    assert "'fc' also reads channels that are not traced" in groups["fc"].why_not
+
+
 def test_a_traced_graph_without_shapes_needs_example_inputs_and_nothing_is_modified():
     model = nets.randomize(nets.Residual())
     gm = fxtune.trace(model)

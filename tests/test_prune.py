@@ -3,14 +3,12 @@ by hand in a deepcopy), and has the parameter count the test works out itself.""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torchvision
 
 import fxtune
-from fxtune.channels import channel_groups
 from fxtune.passes.prune import prune
 
 import prune_nets as nets

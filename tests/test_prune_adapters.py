@@ -103,7 +103,9 @@ def test_structured_pruning_adapters_end_to_end():
     model = nets.randomize(nets.Residual())
     gm = fxtune.trace(model)
     keep = random_keep(8, 0.5, seed=3)
-    site_masks = {"a": {"out_mask": keep}, "b": {"in_mask": keep, "out_mask": keep}, "fc": {"in_mask": keep}}
+    site_masks = channel_groups(gm, example_inputs=(X,)).site_masks({"a": keep})
+    assert {k: sorted(v) for k, v in site_masks.items()} == {"a": ["out_mask"], "b": ["in_mask", "out_mask"], "fc": ["in_mask"]}
+    assert all(torch.equal(m, keep) for v in site_masks.values() for m in v.values())
     adapted = sp_lora(gm, targets=["a", "b", "fc"], r=2, masks=site_masks)
     opt = torch.optim.SGD(fxtune.trainable_parameters(adapted), lr=0.1)
     for _ in range(3):
