@@ -6,7 +6,6 @@ share one rule; argument positions are those the forms share (aten's batch_norm 
 
 from __future__ import annotations
 
-import operator
 import re
 from typing import Any
 
@@ -51,7 +50,7 @@ class OpRules:
         tensor_args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(self.value(a), Flow)]
         if name in ELEMENTWISE or (name in ("max", "min") and len(tensor_args) > 1) or name in ("where", "masked_fill"):
             return self.elementwise_call(node, name, shape, label)
-        if name in UNARY and isinstance(x, Flow) and len(tensor_args) == 1:
+        if name in UNARY and isinstance(x, Flow) and (len(tensor_args) == 1 or name in ("type_as", "to")):
             if name in NO_COPY:
                 return cf.unary(x, NO_COPY[name])
             return cf.unary(x, self.keeps_zero(node, name))
@@ -102,19 +101,20 @@ class OpRules:
     def keeps_zero(self, node: fx.Node, name: str) -> bool:
         """Whether this elementwise call maps 0 to 0 (evaluated once on a zero tensor)."""
         rest, kwargs = tuple(node.args[1:]), dict(node.kwargs)
-        if any(isinstance(a, fx.Node) for a in (*rest, *kwargs.values())):
-            return False
         if name in PASSING or name.startswith("dropout"):
             return True
+        if any(isinstance(a, fx.Node) for a in (*rest, *kwargs.values())):
+            return False
         if node.op == "call_method":
             return keeps_zero_of((name, repr(rest), repr(kwargs)), lambda z: getattr(z, name)(*rest, **kwargs))
         return keeps_zero_of((node.target, repr(rest), repr(kwargs)), lambda z: node.target(z, *rest, **kwargs))
 
     def elementwise_call(self, node: fx.Node, name: str, shape, label: str) -> Flow:
         values = [self.value(a) for a in node.args]
+        values += [v for v in map(self.value, node.kwargs.values()) if isinstance(v, Flow)]
         if name == "where":
-            cond, rest, rule = values[0], values[1:], "add"
-            out = cf.elementwise(self.items, shape, [v for v in (cond, *rest)], "none", label)
+            cond, rest = values[0], values[1:]
+            out = cf.elementwise(self.items, shape, [cond, *rest], "none", label)
             terms = cf.elementwise(self.items, shape, rest, "add", label)
             for d in out.ids:
                 if d in terms.zero:
@@ -124,8 +124,6 @@ class OpRules:
             fill = values[2] if len(values) > 2 else node.kwargs.get("value")
             return cf.elementwise(self.items, shape, values[:2], "first" if fill == 0 else "none", label)
         rule = ELEMENTWISE.get(name, "add")
-        if name == "rsub" or (node.target is operator.sub and not isinstance(values[0], Flow)):
-            rule = "add"
         if rule == "first" and not isinstance(values[0], Flow):
             rule = "none"
         return cf.elementwise(self.items, shape, values, rule, label)

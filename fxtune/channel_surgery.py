@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .calls import FUNCTIONS
 from .channel_names import op_name, sizes_arg
@@ -92,6 +94,7 @@ class Surgery:
         for key, entries in self.literals.items():
             self._edit_literal(key, entries)
         self._drop_unused_sizes()
+        refresh_shapes(self.gm)
         if slots:
             rebuild(self.gm)
         return self.gm
@@ -192,6 +195,26 @@ class Surgery:
             node.args = (node.args[0], shape, *node.args[2:])
         elif kind == "groups":
             node.args = (node.args[0], node.args[1] - gone.numel(), *node.args[2:])
+
+
+def refresh_shapes(gm: fx.GraphModule) -> None:
+    """Shapes recorded on the nodes (torch.export's meta["val"]) follow the smaller layers: propagated again
+    from the inputs' fake values, symbolic sizes kept; where that fails they are dropped, never left stale."""
+    if not any("val" in n.meta or "tensor_meta" in n.meta for n in gm.graph.nodes):
+        return
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(inputs) if all(v is not None for v in inputs) else None
+    for n in gm.graph.nodes:
+        n.meta.pop("tensor_meta", None)
+    if mode is not None:
+        try:
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+            return
+        except Exception:  # an op the fake mode cannot run: no shapes rather than wrong ones
+            pass
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            n.meta.pop("val", None)
 
 
 def _edit_sizes(node: fx.Node, kind: str, dim: int, count: int, start: int | None, old: int) -> None:

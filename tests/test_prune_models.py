@@ -152,6 +152,9 @@ def test_hugging_face_llama_through_export(ratio):
     assert "model.layers.0.mlp.gate_proj" in groups.names and groups["model.layers.0.mlp.gate_proj"].units == 48
     check(model, ids, ratio, gm=gm)
     check(model, torch.randint(0, 100, (3, 5)), ratio, gm=gm)  # other batch and sequence sizes
+    keep = nets.random_keep(48, ratio)
+    again = channel_groups(prune(gm, masks={"model.layers.0.mlp.gate_proj": keep}))  # shapes recorded anew
+    assert again["model.layers.0.mlp.gate_proj"].channels == int(keep.sum())
 
 
 def torch_pruning_copy(model, masks, x):
