@@ -100,12 +100,12 @@ def deployed(model: nn.Module, name: str, channels_last: bool) -> nn.Module:
     return gm.to(memory_format=torch.channels_last) if channels_last and name in CONVNETS else gm
 
 
-def run(name: str, ratio: float, args) -> dict:
+def run(name: str, ratio: float, round_to: int, args) -> dict:
     model = build(name, args.size)
     x = torch.randn(args.batch, 3, args.size, args.size)
     gm = fxtune.trace(model)
     groups = channel_groups(gm, example_inputs=(x,))
-    masks = choose(groups, ratio, args.round_to)
+    masks = choose(groups, ratio, round_to)
     ours = prune(gm, masks=masks, example_inputs=(x,))
     theirs = torch_pruning(model, masks, x)
     with torch.no_grad():
@@ -120,7 +120,7 @@ def run(name: str, ratio: float, args) -> dict:
         times = interleaved({str(i): (lambda m=m: m(xl)) for i, m in enumerate(contenders)}, args.repeats)
     t = [times[str(i)] for i in range(3)]
     return {
-        "model": name, "ratio": ratio, "groups": f"{len(masks)}/{len(groups)}",
+        "model": name, "ratio": ratio, "round_to": round_to, "groups": f"{len(masks)}/{len(groups)}",
         "params": [sum(p.numel() for p in m.parameters()) for m in (model, ours, theirs)],
         "macs": [macs(m, x) for m in (model, ours, theirs)],
         "latency": [statistics.median(s) for s in t],
@@ -137,12 +137,12 @@ def table(rows: list[dict]) -> str:
         reduction = m0 / m1
         target = f"{'yes' if r['speedup'] >= 0.8 * reduction else 'no'} (needs ≥ {0.8 * reduction:.2f}×)" if r["model"] == "resnet50" else "-"
         out.append([
-            r["model"], r["ratio"], r["groups"], f"{p0 / 1e6:.2f}M → {p1 / 1e6:.2f}M (TP {p2 / 1e6:.2f}M)",
+            r["model"], r["ratio"], r["round_to"], r["groups"], f"{p0 / 1e6:.2f}M → {p1 / 1e6:.2f}M (TP {p2 / 1e6:.2f}M)",
             f"{m0 / 1e9:.2f} → {m1 / 1e9:.2f} ({reduction:.2f}× fewer; TP {m2 / 1e9:.2f})",
             f"{t0 * 1e3:.1f} → {t1 * 1e3:.1f} (TP {t2 * 1e3:.1f})", f"{r['speedup']:.2f}×",
             f"{r['vs_tp']:.3f} ({'ok' if r['vs_tp'] <= 1.02 else 'above 1.02'})", target, f"{r['agreement']:.1e}",
         ])
-    headers = ["model", "ratio", "groups pruned", "params", "GMACs", "latency ms", "speedup", "fxtune ÷ TP latency",
+    headers = ["model", "ratio", "round_to", "groups pruned", "params", "GMACs", "latency ms", "speedup", "fxtune ÷ TP latency",
                "speedup ≥ 0.8 × MAC reduction", "max |fxtune − TP| / max |TP|"]
     return tabulate(out, headers=headers, tablefmt="github")
 
@@ -153,7 +153,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--round-to", type=int, default=1)
+    parser.add_argument("--round-to", nargs="+", type=int, default=[1, 16],
+                        help="kept channels per group rounded up to multiples of these (one row each)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -163,16 +164,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="torch_pruning")
-    rows = [run(name, ratio, args) for name in args.models for ratio in args.ratios]
+    rows = [run(name, ratio, round_to, args) for name in args.models for ratio in args.ratios for round_to in args.round_to]
     text = (
         f"## pruning: fxtune `prune` vs Torch-Pruning on the same channels (`benchmarks/pruning.py`)\n\n"
         f"{datetime.date.today().isoformat()} · torch {torch.__version__} · torchvision {torchvision.__version__} · {machine()}, load {load()}\n"
         f"batch {args.batch} at {args.size}×{args.size}, median of {args.repeats} forwards after {args.warmup} warm-up "
-        f"(interleaved: original, fxtune, Torch-Pruning), random weights, round_to={args.round_to}; convnets with "
+        f"(interleaved: original, fxtune, Torch-Pruning), random weights; convnets with "
         f"BatchNorm folded{' and channels_last' if args.channels_last else ''} on all three."
         f"{' Few repeats: a sanity run, not final numbers.' if args.repeats < 10 else ''}\n\n"
         f"{table(rows)}\n\n"
-        "Each prunable group (fxtune's `channel_groups`) loses floor(ratio · units) random units; Torch-Pruning removes "
+        "Each prunable group (fxtune's `channel_groups`) loses floor(ratio · units) random units, fewer where round_to "
+        "rounds the kept channels up to its multiples (CPU kernels run those faster); Torch-Pruning removes "
         "the same channel indices through `DependencyGraph.get_pruning_group(producer, idxs)`. vit_b_16's residual "
         "stream passes through `nn.MultiheadAttention` (opaque to both), so only its 12 MLP hidden groups are pruned. "
         "Targets: fxtune ÷ Torch-Pruning latency ≤ 1.02; resnet50 speedup ≥ 0.8 × MAC reduction.\n"

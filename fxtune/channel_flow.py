@@ -97,8 +97,13 @@ def _zero(rule: str, zeros: list[Tensor], carriers: list[Flow], flows: list[Flow
         for z in zeros[1:]:
             result &= z
         return result
-    if rule == "first":
-        return zeros[0].clone() if carriers[0] is flows[0] else torch.zeros_like(zeros[0])
+    if rule == "first":  # a quotient: zero where the numerator is, unless a divisor is zero too (0/0)
+        if carriers[0] is not flows[0]:
+            return torch.zeros_like(zeros[0])
+        result = zeros[0].clone()
+        for z in zeros[1:]:
+            result &= ~z
+        return result
     return torch.zeros_like(zeros[0])
 
 

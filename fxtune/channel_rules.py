@@ -183,6 +183,8 @@ class Analysis(OpRules, ShapeRules):
             per, width = weight.shape[1], rows.numel() // site.groups
             for g in range(site.groups):
                 unit = rows[g * width:(g + 1) * width]
+                if read is not None and bool((read[g * per:(g + 1) * per] < 0).any()):
+                    self.items.block(unit, Reason(HARD, f"'{site.name}' reads untraced channels in this conv group"))
                 self.items.union_all(unit if read is None else torch.cat([read[g * per:(g + 1) * per], unit]))
         for d, ids in x.ids.items():
             if d < cdim:

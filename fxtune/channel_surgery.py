@@ -67,7 +67,6 @@ class Surgery:
         self.literals = literals
         self.constants = constants or {}
         self.modules = dict(gm.named_modules())
-        self.sliced: dict[str, tuple[int, ...]] = {}  # path -> old shape
 
     def run(self) -> fx.GraphModule:
         slots = all_slots(self.gm)

@@ -131,6 +131,26 @@ def _from_masks(groups: ChannelGroups, masks: dict, allow_norm_change: bool) -> 
     return remove
 
 
+def _candidates(groups, remove, ratio, exclude, allow_norm_change) -> tuple[list[ChannelGroup], dict[str, str]]:
+    """The groups a ratio applies to, and why each other group is left whole."""
+    chosen, skipped = [], {}
+    for g in groups:
+        if g.name in remove:
+            continue
+        if _matches(g, exclude):
+            skipped[g.name] = "excluded"
+        elif _ratio_of(g, ratio) is None:
+            skipped[g.name] = "no ratio given"
+        elif not g.prunable_with(allow_norm_change):
+            skipped[g.name] = (f"normalised over these channels: {g.why_not} (allow_norm_change=True prunes it)"
+                               if g.prunable_with(True) else f"not prunable: {g.why_not}")
+        elif g.units < 2:
+            skipped[g.name] = "one unit"
+        else:
+            chosen.append(g)
+    return chosen, skipped
+
+
 def _from_ratio(gm, groups, ratio, chosen, importance, global_ranking, round_to, seed, products) -> dict[str, torch.Tensor]:
     scores = {g.name: scores_for(gm, g, importance, seed=seed, products=products) for g in chosen}
     if not global_ranking:
@@ -210,33 +230,17 @@ def prune(
         if fxtune.adapters(gm):
             raise StructureError("compensate=True folds constants into base biases; fuse the adapters first (fxtune.passes.fuse)")
     groups = channel_groups(gm, example_inputs=example_inputs)
-    report = PruneReport()
+    report, skipped = PruneReport(), {}
     remove = _from_masks(groups, masks, allow_norm_change) if masks is not None else {}
     if ratio is not None:
-        chosen = []
-        for g in groups:
-            status = None
-            if g.name in remove:
-                continue
-            if _matches(g, exclude):
-                status = "excluded"
-            elif _ratio_of(g, ratio) is None:
-                status = "no ratio given"
-            elif not g.prunable_with(allow_norm_change):
-                status = (f"normalised over these channels: {g.why_not} (allow_norm_change=True prunes it)"
-                          if g.prunable_with(True) else f"not prunable: {g.why_not}")
-            elif g.units < 2:
-                status = "one unit"
-            if status is None:
-                chosen.append(g)
-            else:
-                report.rows.append((g.name, g.channels, g.channels, status))
+        chosen, skipped = _candidates(groups, remove, ratio, exclude, allow_norm_change)
         products = taylor_products(gm, chosen, data, loss) if importance == "taylor" and chosen else None
         remove.update(_from_ratio(gm, groups, ratio, chosen, importance, global_ranking, round_to, seed, products))
     for g in groups:
         if g.name in remove:
-            kept = int((~remove[g.name])[g.channel_units].sum())
-            report.rows.append((g.name, g.channels, kept, "pruned"))
+            report.rows.append((g.name, g.channels, int((~remove[g.name])[g.channel_units].sum()), "pruned"))
+        elif g.name in skipped:
+            report.rows.append((g.name, g.channels, g.channels, skipped[g.name]))
     if not any(bool(r.any()) for r in remove.values()):
         listing = "\n  ".join(f"{n}: {s}" for n, _, _, s in report.rows[:20])
         raise StructureError(f"prune found nothing to remove:\n  {listing}")
@@ -246,4 +250,8 @@ def prune(
     Surgery(rs.gm, tensors, literals, constants, groups.constant_sizes).run()
     pruned = rs.finish()
     pruned.meta["fxtune_prune"] = report
+    skipped = [f"{reader} ({group}): {why}" for reader, group, why in report.compensation if why.startswith("skipped")]
+    if skipped:
+        fxtune.warn("compensate=True could not fold every removed channel's constant exactly; those readers now see 0 instead:\n  "
+                    + "\n  ".join(skipped[:12]))
     return pruned
