@@ -78,9 +78,10 @@ def _exactness(site: Site) -> str | None:
 
 
 def compensate_constants(
-    gm: fx.GraphModule, groups: ChannelGroups, remove: dict[str, Tensor], removals: dict, example_inputs: Any, report: Any
+    gm: fx.GraphModule, groups: ChannelGroups, remove: dict[str, Tensor], example_inputs: Any, report: list
 ) -> dict[str, tuple[Site, Tensor]]:
-    """{consumer weight path: (site, bias delta over its rows)} where folding is exact; report rows for every consumer."""
+    """{consumer weight path: (site, bias delta over its rows)} where folding is exact; a row in `report`
+    (reader, group, "exact: ..." or "skipped: why") for every layer that reads removed channels."""
     if example_inputs is None:
         raise StructureError("compensate=True measures the removed channels' constants by running the model: pass example_inputs=(x,)")
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
@@ -94,7 +95,7 @@ def compensate_constants(
             if m.role == "in" and gone.numel():
                 consumers.setdefault(m.name, []).append((group.name, gone))
             elif m.role == "consumed" and gone.numel():
-                report.compensation.append((m.name, group.name, "skipped: summed there (no layer's bias can take it)"))
+                report.append((m.name, group.name, "skipped: summed there (no layer's bias can take it)"))
     sites = {s.own.path: s for s in reversed(find_sites(gm)) if s.call in ("module", "function") and s.groups == 1}
     watched = {sites[p].node.name: sites[p] for p in consumers if p in sites}
     zeroed = _zeroed(gm, groups, remove)
@@ -115,7 +116,7 @@ def compensate_constants(
                 constant = _constant(site, gone, [run.get(site.node.name) for run in runs])
                 why = None if constant is not None else "the removed channels are not constant at its input"
             if why:
-                report.compensation.append((site.name if site else path, group_name, f"skipped: {why}"))
+                report.append((site.name if site else path, group_name, f"skipped: {why}"))
                 continue
             weight = tensor_at(gm, path)
             canonical = weight.t() if site.own.transposed else weight
@@ -123,7 +124,7 @@ def compensate_constants(
             delta = columns @ constant.double()
             old = deltas.get(path, (site, torch.zeros(canonical.shape[0], dtype=torch.float64)))[1]
             deltas[path] = (site, old + delta)
-            report.compensation.append((site.name, group_name, f"exact: {gone.numel()} constant channel(s) folded into its bias"))
+            report.append((site.name, group_name, f"exact: {gone.numel()} constant channel(s) folded into its bias"))
     return {p: (s, d.to(tensor_at(gm, p).dtype)) for p, (s, d) in deltas.items()}
 
 

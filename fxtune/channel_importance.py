@@ -77,6 +77,15 @@ def taylor_products(gm: fx.GraphModule, groups: list[ChannelGroup], data: Iterab
     return totals
 
 
+def unit_importance(
+    gm: fx.GraphModule, groups: list[ChannelGroup], rule: Any, *, seed: int = 0, data: Iterable | None = None,
+    loss: Callable[..., Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """{group name: one score per unit} by `rule` ("l1", "l2", "bn_scale", "random", "taylor" or a callable)."""
+    products = taylor_products(gm, groups, data, loss) if rule == "taylor" and groups else None
+    return {g.name: scores_for(gm, g, rule, seed=seed, products=products) for g in groups}
+
+
 def scores_for(gm: fx.GraphModule, group: ChannelGroup, rule: Any, *, seed: int = 0, products: dict | None = None) -> Tensor:
     """One score per unit of `group` by `rule` ("l1", "l2", "bn_scale", "random", "taylor" or a callable)."""
     if callable(rule):

@@ -18,13 +18,14 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .calls import FUNCTIONS
+from .channel_compensate import compensate_constants
 from .channel_names import op_name, sizes_arg
 from .channels import ChannelGroup
 from .kinds import get_kind
 from .rewrite import rebuild, strip_sites
 from .sites import canonical_sites
 from .slots import AdapterSlot, all_slots
-from .structure import StructureError
+from .structure import Restructure, StructureError
 
 SIZE_ARITHMETIC = {"getitem", "floordiv", "mul", "add", "sub", "truediv", "getattr", "size", "sym_size"}
 Removals = dict[tuple[str, int], Tensor]  # (tensor path or literal key, axis) -> removed positions
@@ -194,6 +195,20 @@ class Surgery:
             node.args = (node.args[0], shape, *node.args[2:])
         elif kind == "groups":
             node.args = (node.args[0], node.args[1] - gone.numel(), *node.args[2:])
+
+
+def remove_channels(
+    gm: fx.GraphModule, groups: Any, remove: dict[str, Tensor], *, compensate: bool = False, example_inputs: Any = None,
+    name: str = "prune",
+) -> tuple[fx.GraphModule, list[tuple[str, str, str]]]:
+    """A new GraphModule without the units `remove` marks ({group name: bool over its units, True = remove}),
+    and, with `compensate`, a row (reader, group, "exact: ..." / "skipped: why") per layer reading them."""
+    rs = Restructure(gm, name=name)
+    tensors, literals = removed_positions(list(groups), remove)
+    rows: list[tuple[str, str, str]] = []
+    constants = compensate_constants(gm, groups, remove, example_inputs, rows) if compensate else None
+    Surgery(rs.gm, tensors, literals, constants, getattr(groups, "constant_sizes", [])).run()
+    return rs.finish(), rows
 
 
 def refresh_shapes(gm: fx.GraphModule) -> None:

@@ -31,10 +31,11 @@ from torch import fx
 
 import fxtune
 from fxtune import StructureError
-from fxtune.channel_compensate import compensate_constants
-from fxtune.channel_importance import scores_for, taylor_products
-from fxtune.channel_surgery import Surgery, removed_positions
-from fxtune.channels import ChannelGroup, ChannelGroups, channel_groups
+from fxtune.channel_importance import unit_importance
+from fxtune.channel_surgery import remove_channels
+from fxtune.channels import channel_groups
+
+ChannelGroup = Any  # fxtune.channels.ChannelGroup: a group of channel_groups(gm)
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "random", "taylor")
 
@@ -106,7 +107,7 @@ def emptied(group: ChannelGroup, remove: torch.Tensor) -> list[str]:
                    and m.channels == m.size and bool(remove[m.units].all())})
 
 
-def _from_masks(groups: ChannelGroups, masks: dict, allow_norm_change: bool) -> dict[str, torch.Tensor]:
+def _from_masks(groups: Any, masks: dict, allow_norm_change: bool) -> dict[str, torch.Tensor]:
     if not isinstance(masks, dict):
         raise StructureError(f"masks= must be a dict {{group name: bool keep mask}}, got {type(masks).__name__}")
     remove = {}
@@ -151,8 +152,7 @@ def _candidates(groups, remove, ratio, exclude, allow_norm_change) -> tuple[list
     return chosen, skipped
 
 
-def _from_ratio(gm, groups, ratio, chosen, importance, global_ranking, round_to, seed, products) -> dict[str, torch.Tensor]:
-    scores = {g.name: scores_for(gm, g, importance, seed=seed, products=products) for g in chosen}
+def _from_ratio(scores: dict[str, torch.Tensor], ratio, chosen, global_ranking, round_to) -> dict[str, torch.Tensor]:
     if not global_ranking:
         return {g.name: _lowest(g, scores[g.name], g.units - keep_count(g.units, _ratio_of(g, ratio), g.unit_size, round_to))
                 for g in chosen}
@@ -234,8 +234,8 @@ def prune(
     remove = _from_masks(groups, masks, allow_norm_change) if masks is not None else {}
     if ratio is not None:
         chosen, skipped = _candidates(groups, remove, ratio, exclude, allow_norm_change)
-        products = taylor_products(gm, chosen, data, loss) if importance == "taylor" and chosen else None
-        remove.update(_from_ratio(gm, groups, ratio, chosen, importance, global_ranking, round_to, seed, products))
+        scores = unit_importance(gm, chosen, importance, seed=seed, data=data, loss=loss)
+        remove.update(_from_ratio(scores, ratio, chosen, global_ranking, round_to))
     for g in groups:
         if g.name in remove:
             report.rows.append((g.name, g.channels, int((~remove[g.name])[g.channel_units].sum()), "pruned"))
@@ -244,11 +244,7 @@ def prune(
     if not any(bool(r.any()) for r in remove.values()):
         listing = "\n  ".join(f"{n}: {s}" for n, _, _, s in report.rows[:20])
         raise StructureError(f"prune found nothing to remove:\n  {listing}")
-    rs = fxtune.Restructure(gm, name="prune")
-    tensors, literals = removed_positions(list(groups), remove)
-    constants = compensate_constants(gm, groups, remove, tensors, example_inputs, report) if compensate else None
-    Surgery(rs.gm, tensors, literals, constants, groups.constant_sizes).run()
-    pruned = rs.finish()
+    pruned, report.compensation = remove_channels(gm, groups, remove, compensate=compensate, example_inputs=example_inputs)
     pruned.meta["fxtune_prune"] = report
     skipped = [f"{reader} ({group}): {why}" for reader, group, why in report.compensation if why.startswith("skipped")]
     if skipped:

@@ -149,7 +149,8 @@ def test_compensation_equals_the_model_with_only_the_weights_zeroed_where_exact(
     assert ("fc", "c", "exact: 3 constant channel(s) folded into its bias") in report
     assert_unchanged(gm, before)
     keep_b = random_keep(6, 0.5, seed=4)
-    pruned = prune(gm, masks={"b": keep_b}, compensate=True, example_inputs=(x,))
+    with pytest.warns(fxtune.FxtuneWarning, match="c \\(b\\): skipped: it pads with zeros"):
+        pruned = prune(gm, masks={"b": keep_b}, compensate=True, example_inputs=(x,))
     assert any(row[:2] == ("c", "b") and "pads with zeros" in row[2] for row in pruned.meta["fxtune_prune"].compensation)
     plain = prune(gm, masks={"b": keep_b}, example_inputs=(x,))
     masked = zeroed(model, [("b.weight", 0, gone(keep_b)), ("bn_b.weight", 0, gone(keep_b)), ("bn_b.bias", 0, gone(keep_b))])
