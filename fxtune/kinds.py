@@ -58,7 +58,8 @@ class AdapterKind:
     activation_reads_weight: bool = False
     weight_blocker: Callable[..., str | None] | None = None
     changes_bias: Callable[..., bool] | None = None
-    channel_axes: Mapping[str, Mapping[str, Any]] | Callable[..., Mapping[str, Mapping[str, Any]]] | None = None
+    channel_axes: Mapping[str, Mapping[str, Any]] | Callable[..., Mapping[str, Mapping[str, Any]]] | None = field(
+        default=None, compare=False)
     _accepts: dict = field(default_factory=dict, compare=False, repr=False)
 
     def acts_on_bias(self, settings: dict[str, Any]) -> bool:

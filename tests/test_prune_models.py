@@ -117,6 +117,25 @@ def test_torchvision_model(name, ratio):
     check(nets.randomize(model), torch.randn(2, 3, size, size), ratio)
 
 
+@pytest.mark.slow
+def test_convnext_streams_with_allow_norm_change():
+    """Its LayerNorm-normalised streams (depthwise convs, layer scales, downsampling LayerNorms) prune when asked;
+    the normalisation changes, so only the arithmetic and a finite output are checked here."""
+    torch.manual_seed(0)
+    model = nets.randomize(torchvision.models.convnext_tiny())
+    x = torch.randn(2, 3, 64, 64)
+    gm = fxtune.trace(model)
+    groups = channel_groups(gm, example_inputs=(x,))
+    streams = [g for g in groups if not g.prunable and g.prunable_with(allow_norm_change=True)]
+    assert len(streams) == 4
+    masks = random_masks([*groups], 0.5)
+    masks.update({g.name: nets.random_keep(g.units, 0.5, seed=i)[g.channel_units] for i, g in enumerate(streams)})
+    pruned = prune(gm, masks=masks, allow_norm_change=True, example_inputs=(x,))
+    assert sum(p.numel() for p in pruned.parameters()) == expected_parameters(model, groups, masks)
+    assert pruned.features[1][0].block[0].groups == pruned.features[0][0].out_channels == 48
+    assert torch.isfinite(pruned(x)).all()
+
+
 def test_shufflenet_channel_shuffle_is_refused_clearly():
     torch.manual_seed(0)
     gm = fxtune.trace(torchvision.models.shufflenet_v2_x0_5().eval())
