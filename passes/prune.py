@@ -246,8 +246,8 @@ def prune(
         raise StructureError(f"prune found nothing to remove:\n  {listing}")
     pruned, report.compensation = remove_channels(gm, groups, remove, compensate=compensate, example_inputs=example_inputs)
     pruned.meta["fxtune_prune"] = report
-    skipped = [f"{reader} ({group}): {why}" for reader, group, why in report.compensation if why.startswith("skipped")]
-    if skipped:
+    inexact = [f"{reader} ({group}): {why}" for reader, group, why in report.compensation if why.startswith("skipped")]
+    if inexact:
         fxtune.warn("compensate=True could not fold every removed channel's constant exactly; those readers now see 0 instead:\n  "
-                    + "\n  ".join(skipped[:12]))
+                    + "\n  ".join(inexact[:12]))
     return pruned
