@@ -199,7 +199,7 @@ def prune(
     """Removes channels from every member of the chosen groups; returns a new, smaller GraphModule.
 
     ratio: the fraction of each prunable group's channels to remove (or {group glob: ratio}), by
-    `importance` ("l1", "l2", "bn_scale", "random" seeded by `seed`, "taylor" on `data` batches with
+    `importance` ("l1", "l2", "bn_scale" (l2 where a group has no norm), "random" seeded by `seed`, "taylor" on `data` batches with
     `loss(model, batch)`, or a callable (group, gm) -> one score per unit), per group or, with
     global_ranking, across groups (scores normalised by each group's mean). masks: {group name:
     keep mask over its channels}, applied exactly. round_to: kept channels are multiples of it.
