@@ -34,7 +34,7 @@ from .io.export import export_onnx, export_program
 from .io.graph_files import GraphFileError, load, save
 from .io.peft_format import PeftFormat, PeftModule
 from .io.swap_base import swap_base
-from .kit import MaskSpec, Restructure, Rewrite, channel_masks, per_site, weight_mask
+from .kit import MaskSpec, Restructure, Rewrite, channel_groups, channel_masks, per_site, weight_mask
 from .version import __version__
 
 
@@ -64,6 +64,7 @@ __all__ = [
     "TraceError",
     "adapters",
     "batched",
+    "channel_groups",
     "channel_masks",
     "data_parallel",
     "coverage",

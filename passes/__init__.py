@@ -10,6 +10,7 @@ from .fuse import fuse
 from .ia3 import ia3
 from .lora import lora
 from .low_rank import low_rank
+from .prune import prune
 from .slice_delta import slice_delta
 from .sp_lopa import sp_lopa
 from .sp_lora import sp_lora
@@ -17,4 +18,4 @@ from .sp_para import sp_para
 from .svdiff import svdiff
 from .train_module import train_module
 
-__all__ = ["dora", "fold_bn", "fuse", "ia3", "lora", "low_rank", "slice_delta", "sp_lopa", "sp_lora", "sp_para", "svdiff", "train_module"]
+__all__ = ["dora", "fold_bn", "fuse", "ia3", "lora", "low_rank", "prune", "slice_delta", "sp_lopa", "sp_lora", "sp_para", "svdiff", "train_module"]

@@ -88,7 +88,8 @@ def check_settings(config: dict, tensors: dict) -> list[str]:
 
 
 KIND = fxtune.register_kind(
-    AdapterKind("dora", weight=dora_weight, activation=_activation, activation_reads_weight=True, check=check_settings)
+    AdapterKind("dora", weight=dora_weight, activation=_activation, activation_reads_weight=True, check=check_settings,
+                channel_axes={"lora_a": {"in_group": None}, "lora_b": {"out": 0}, "magnitude": {"out": 0}})
 )
 
 

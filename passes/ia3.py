@@ -47,6 +47,11 @@ def _changes_bias(position: str) -> bool:
     return position == "output"
 
 
+def _channel_axes(site: fxtune.Site, config: dict) -> dict:
+    """The scale follows the output channels, or the input channels (all groups) on the input side."""
+    return {"scale": {"out": 0} if config["position"] == "output" else {"in": 0}}
+
+
 def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.Node:
     """Output position: y · s over the channel dimension (last for linear, 1 for conv)."""
     if inputs["position"] != "output":
@@ -63,7 +68,7 @@ def _activation_input(em: fxtune.Emitter, x: fx.Node, inputs: dict) -> fx.Node:
 
 KIND = fxtune.register_kind(
     AdapterKind("ia3", weight=ia3_weight, bias=ia3_bias, activation=_activation, activation_input=_activation_input,
-                changes_bias=_changes_bias)
+                changes_bias=_changes_bias, channel_axes=_channel_axes)
 )
 
 

@@ -180,7 +180,8 @@ def _factor_shapes(site: fxtune.Site, r: int) -> tuple[tuple, tuple]:
 KIND = fxtune.register_kind(
     AdapterKind(
         "lora", weight=lora_weight, activation=_activation, restore=_restore, weight_blocker=_needs_activations,
-        check=check_settings, peft=LoraPeft()
+        check=check_settings, peft=LoraPeft(),
+        channel_axes={"lora_a": {"in_group": 1}, "lora_b": {"out": 0}, "pissa_a0": {"in_group": 1}, "pissa_b0": {"out": 0}},
     )
 )
 

@@ -64,7 +64,21 @@ def kept(w: torch.Tensor, in_mask: torch.Tensor, out_mask: torch.Tensor, block_m
     return (channels & blocks).view(w.shape)
 
 
-KIND = fxtune.register_kind(AdapterKind("sp_lopa", weight=sp_lopa_weight, bias=masked_bias))
+def _channel_axes(site: fxtune.Site, config: dict) -> dict:
+    """S and block_mask entries cover p rows and q flattened columns (q / kernel volume input channels, if whole)."""
+    p, q = config["block"]
+    k = site.kernel_volume
+    cols = None if q % k else q // k
+    return {
+        "sp_lopa_s": {"out": (1, p), "in_group": None if cols is None else (2, cols)},
+        "sp_lopa_s_mask": {"out": (0, p), "in_group": None if cols is None else (1, cols)},
+        "block_mask": {"out": (0, p), "in_group": None if cols is None else (1, cols)},
+        "in_mask": {"in": 0},
+        "out_mask": {"out": 0},
+    }
+
+
+KIND = fxtune.register_kind(AdapterKind("sp_lopa", weight=sp_lopa_weight, bias=masked_bias, channel_axes=_channel_axes))
 
 
 def _prototypes(gm: fx.GraphModule, adapter: str, shapes: dict, like: torch.Tensor) -> dict[str, nn.Parameter]:

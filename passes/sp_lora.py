@@ -53,7 +53,11 @@ def sp_lora_weight(
 
 
 
-KIND = fxtune.register_kind(AdapterKind("sp_lora", weight=sp_lora_weight, bias=masked_bias))
+KIND = fxtune.register_kind(AdapterKind(
+    "sp_lora", weight=sp_lora_weight, bias=masked_bias,
+    channel_axes={"sp_lora_c": {"out": 0}, "sp_lora_c_mask": {"out": 0}, "sp_lora_r": {"in_group": 1},
+                  "sp_lora_r_mask": {"in_group": 1}, "in_mask": {"in": 0}, "out_mask": {"out": 0}},
+))
 
 
 @fxtune.register_pass

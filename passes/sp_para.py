@@ -38,7 +38,11 @@ def sp_para_weight(
 
 
 
-KIND = fxtune.register_kind(AdapterKind("sp_para", weight=sp_para_weight, bias=masked_bias))
+KIND = fxtune.register_kind(AdapterKind(
+    "sp_para", weight=sp_para_weight, bias=masked_bias,
+    channel_axes={"sp_para_p": {"out": 0, "in_group": 1}, "sp_para_p_mask": {"out": 0, "in_group": 1},
+                  "in_mask": {"in": 0}, "out_mask": {"out": 0}},
+))
 
 
 @fxtune.register_pass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
@@ -43,6 +43,15 @@ class AdapterKind:
     peft                             optional, how this kind reads and writes PEFT's adapter directories: an
                                      instance of a `fxtune.PeftFormat` subclass (io/peft_format.py) naming its
                                      peft_type, tensors and settings
+    channel_axes                     optional, how the adapter's tensors follow the weight's channels, so that
+                                     structured pruning can slice them: {tensor name: {"out": axis, "in": axis,
+                                     "in_group": axis}}, or a function (site, config) -> that. "out" indexes the
+                                     output channels (rows of the canonical (out, in/groups, *kernel) weight),
+                                     "in" the input channels/features over all groups, "in_group" the weight's
+                                     dim 1 (in/groups; the same as "in" unless the conv is grouped). An axis may be
+                                     (axis, block), each entry covering `block` channels, or None: the tensor
+                                     depends on those channels but cannot be sliced. Unnamed tensors do not follow
+                                     channels. A kind without it is refused by pruning (fuse first)
     `inputs` holds the adapter's tensors (parameters and persistent buffers) and its settings.
     """
 
@@ -59,6 +68,8 @@ class AdapterKind:
     check: Callable[..., list[str]] | None = None
     companion: bool = False
     peft: Any = None
+    channel_axes: Mapping[str, Mapping[str, Any]] | Callable[..., Mapping[str, Mapping[str, Any]]] | None = field(
+        default=None, compare=False)
     _accepts: dict = field(default_factory=dict, compare=False, repr=False)
 
     def acts_on_bias(self, settings: dict[str, Any]) -> bool:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from torch import fx
 
+from ..graph.discovery import site_table
+from ..graph.ownership import clone_graph_module
 from ..graph.sites import SiteTable
 from ..graph.traced_calls import BASE_META, OUTPUT, TAG, load_arg
+from .slots import all_slots
 
 
 def strip_nodes(gm: fx.GraphModule, groups: dict[fx.Node, set[str]]) -> None:
@@ -51,3 +54,14 @@ def sweep_unused(graph: fx.Graph) -> None:
         tag = node.meta.get(TAG)
         if tag is not None and tag.get("site") is not None and not node.users and node.op != "placeholder":
             graph.erase_node(node)
+
+
+def without_adapter_code(gm: fx.GraphModule) -> fx.GraphModule:
+    """gm itself if it has no adapters, else a copy with every adapter's code taken out (the base graph,
+    same node names): what analyses of the base model (channel groups) read."""
+    if not all_slots(gm):
+        return gm
+    base = clone_graph_module(gm)
+    strip_sites(base, site_table(base))
+    base.recompile()
+    return base
