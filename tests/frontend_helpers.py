@@ -20,10 +20,11 @@ def _double(value):
 def lora_state64(model: nn.Module, adapted: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
     """The model's parameters and buffers in float64, each adapted weight W replaced by W + s·(B@A)."""
     tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
-    state = {name: _double(t.detach()) for name, t in tensors.items()}
     names_of: dict[int, list[str]] = {}
     for name, t in tensors.items():
         names_of.setdefault(id(t), []).append(name)
+    converted = {key: _double(tensors[names[0]].detach()) for key, names in names_of.items()}
+    state = {name: converted[id(t)] for name, t in tensors.items()}  # one tensor per tied group, as functional_call wants
     for target, slot in slots(adapted, adapter).items():
         module, param, rows, transposed = location(model, target)
         names = names_of[id(getattr(module, param))]

@@ -411,9 +411,9 @@ def test_fx_failure_suggests_export_front_end():
     [
         lambda m: fxtune.trace(m, frontend="export", example_inputs=(torch.randn(2, 4),), leaf_modules=[Gate]),
         lambda m: fxtune.trace(m, frontend="export", example_inputs="not inputs"),
-        lambda m: fxtune.trace(m, example_kwargs={"x": torch.randn(2, 4)}),
+        lambda m: fxtune.trace(m, frontend="fx", dynamic="batch"),
     ],
-    ids=["leaf-modules", "bad-inputs", "kwargs-with-fx"],
+    ids=["leaf-modules", "bad-inputs", "dynamic-with-fx"],
 )
 def test_front_end_argument_errors(call):
     model = Outer()

@@ -68,6 +68,19 @@ class Deformable(nn.Module):
         return self.head(self.deform(h, self.offset(h)).mean((2, 3)))
 
 
+class Masked(nn.Module):
+    """An optional input, as timm's Hiera has: a call without it never takes the `is not None` branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask.view(x.shape[0], 1)
+        return self.fc(x)
+
+
 class Regions(nn.Module):
     """A linear inside an autocast region and one inside a no_grad region (higher-order ops under export)."""
 
@@ -172,12 +185,32 @@ def test_a_wrong_leaf_name_is_not_a_reason_to_fall_back():
 
 @pytest.mark.parametrize(
     "options",
-    [{"frontend": "fx", "dynamic": "batch"}, {"frontend": "fx", "example_kwargs": {"x": 1}}, {"leaf_modules": [3]}],
-    ids=["fx-dynamic", "fx-kwargs", "leaf-not-a-type"],
+    [{"frontend": "fx", "dynamic": "batch"}, {"leaf_modules": [3]}, {"frontend": "export", "leaf_modules": [nn.Linear]}],
+    ids=["fx-dynamic", "leaf-not-a-type", "export-leaf"],
 )
 def test_options_of_the_other_front_end_are_refused(options):
     with pytest.raises(fxtune.TraceError):
         fxtune.trace(nn.Sequential(nn.Linear(4, 4)), **options)  # traceable: the option alone is refused
+
+
+@pytest.mark.filterwarnings("ignore:Was not able to add assertion")  # fx, on the concrete tensor below
+@pytest.mark.parametrize("frontend", ["auto", "fx"])
+def test_an_optional_input_left_out_is_none_and_given_stays_an_input(frontend):
+    model = Masked().eval()
+    x, mask = torch.randn(3, 4), torch.tensor([1.0, 0.0, 2.0])
+    plain = fxtune.trace(model, frontend=frontend)
+    assert plain.meta["fxtune_trace"]["fixed_to_none"] == ["mask"]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)  # fx alone would need a mask here
+        with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+            plain(x, mask)
+    live = fxtune.trace(model, frontend=frontend, example_inputs=(x,), example_kwargs={"mask": mask})
+    assert "fixed_to_none" not in live.meta["fxtune_trace"]
+    with torch.no_grad():
+        torch.testing.assert_close(live(x, mask), model(x, mask), rtol=0, atol=0)
+    kept = fxtune.trace(model, frontend=frontend, concrete_args={"mask": torch.ones(3)})  # the user's own value wins
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), model(x, torch.ones(3)), rtol=0, atol=0)
 
 
 def test_timm_registered_leaf_module_is_used_only_where_tracing_stopped():

@@ -12,6 +12,7 @@ from ..graph.discovery import is_conv1d
 from ..graph.ownership import build_graph_module, own_module_tree
 from .explain import user_frames
 from .library_rules import LibraryRules, library_rules, loaded_library_rules
+from .optional_inputs import with_optional_inputs_fixed
 from .record import FRONTEND, TRACE_RECORD
 
 
@@ -54,26 +55,34 @@ class _Failure:
 
 
 def symbolic_trace(
-    model: nn.Module, *, leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
+    example_kwargs: dict | None = None,
 ) -> fx.GraphModule:
     """`model` symbolically traced (fx.Tracer, with fxtune's leaf rules) into a GraphModule fxtune owns.
 
     If that stops and the model is built from timm or torchvision, it is traced again with what
     those libraries register for their own FX feature extraction: their wrapped functions, and
     each registered leaf module type tracing stopped inside (only those, so other layers stay
-    module calls). `gm.meta["fxtune_trace"]` lists what was used.
+    module calls). Parameters that default to None are inputs only if the example inputs give
+    them (see optional_inputs.py). `gm.meta["fxtune_trace"]` lists what was used.
     """
     leaf_types, leaf_names = split_leaf_modules(model, leaf_modules)
+    concrete_args, fixed = with_optional_inputs_fixed(model, concrete_args, example_inputs, example_kwargs)
+    base = {"frontend": "fx", **({"fixed_to_none": fixed} if fixed else {})}
     found = _attempt(model, _Tracer(leaf_types, leaf_names, LibraryRules()), concrete_args)
     if not isinstance(found, _Failure):
-        return _finish(model, *found, record={"frontend": "fx"})
+        return _finish(model, *found, record=base)
     rules = library_rules(model)
     added: list[type] = []
     while rules:
         retry = _attempt(model, _Tracer(leaf_types + tuple(added), leaf_names, rules), concrete_args)
         if not isinstance(retry, _Failure):
             leaves = [_qualname(t) for t in added]
-            return _finish(model, *retry, record={"frontend": "fx", "libraries": list(rules.libraries), "library_leaf_modules": leaves})
+            return _finish(model, *retry, record={**base, "libraries": list(rules.libraries), "library_leaf_modules": leaves})
         found = retry
         leaf = _registered_leaf(found.tracer, rules, leaf_types + tuple(added))
         if leaf is None:

@@ -37,8 +37,9 @@ def trace(
     leaves `model` as it was. Train adapters, or whole-layer copies with `fxtune.train_module`.
 
     frontend="fx" traces symbolically (`leaf_modules`, types or dotted names, stay opaque;
-    `concrete_args` fixes inputs; timm's and torchvision's own FX registrations are used when
-    plain tracing stops in their layers). frontend="export" runs torch.export on `example_inputs`
+    `concrete_args` fixes inputs; a parameter defaulting to None is an input only if the example
+    inputs give it; timm's and torchvision's own FX registrations are used when plain tracing stops
+    in their layers). frontend="export" runs torch.export on `example_inputs`
     / `example_kwargs` (Hugging Face models need it); its graph keeps the train/eval mode the model
     had, and the examples' shapes unless `dynamic=` frees some ("batch", or a dict such as
     {"input_ids": {0: "batch", 1: "seq"}}). frontend="auto" tries "fx", then "export" when given
@@ -56,12 +57,10 @@ def trace(
             raise TraceError("leaf_modules and concrete_args belong to frontend='fx'; torch.export traces every module")
         return _exported(model, example_inputs, example_kwargs, dynamic, {"frontend": "export"})
     if frontend == "fx":
-        if example_kwargs is not None or dynamic is not None:
-            raise TraceError(
-                "example_kwargs and dynamic belong to torch.export; symbolic tracing (frontend='fx') needs no "
-                "example inputs (frontend='auto' uses them if symbolic tracing stops)"
-            )
-        return symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        if dynamic is not None:
+            raise TraceError("dynamic= belongs to torch.export; symbolic tracing (frontend='fx') keeps every size free")
+        return symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                              example_inputs=example_inputs, example_kwargs=example_kwargs)
     return _auto(model, example_inputs, example_kwargs, tuple(leaf_modules), concrete_args, dynamic)
 
 
@@ -69,7 +68,8 @@ def _auto(model, example_inputs, example_kwargs, leaf_modules, concrete_args, dy
     """Symbolic tracing; if it stops, torch.export on the example inputs, with a warning naming why."""
     split_leaf_modules(model, leaf_modules)  # a wrong name is the user's mistake, not a reason to fall back
     try:
-        return symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        return symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                              example_inputs=example_inputs, example_kwargs=example_kwargs)
     except TraceError as fx_error:
         if example_inputs is None and not example_kwargs:
             raise TraceError(
