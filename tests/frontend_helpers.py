@@ -43,10 +43,20 @@ def lora_state64(model: nn.Module, adapted: nn.Module, adapter: str = "default")
     return state
 
 
-def lora_reference64(model: nn.Module, adapted: nn.Module, args: tuple, kwargs: dict | None = None) -> torch.Tensor:
-    """The user's model run in float64 on W + s·B@A for every LoRA slot of `adapted`."""
+def lora_reference64(
+    model: nn.Module, adapted: nn.Module, args: tuple, kwargs: dict | None = None, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """The user's model run in float64 on W + s·B@A for every LoRA slot of `adapted`.
+
+    `dtype=torch.float32` runs it on the float64 sums rounded once, for models that make float32
+    tensors of their own in forward (RAFT's sampling grids).
+    """
     state = lora_state64(model, adapted)
+    if dtype != torch.float64:
+        rounded: dict[int, torch.Tensor] = {}  # tied names keep one tensor
+        state = {k: rounded.setdefault(id(v), v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    convert = _double if dtype == torch.float64 else (lambda v: v)
     with torch.no_grad():
         return torch.func.functional_call(
-            model, state, tuple(_double(a) for a in args), {k: _double(v) for k, v in (kwargs or {}).items()}
+            model, state, tuple(convert(a) for a in args), {k: convert(v) for k, v in (kwargs or {}).items()}
         )

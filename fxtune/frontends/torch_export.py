@@ -252,7 +252,8 @@ def explain_export(model: nn.Module, owned: nn.Module, exc: Exception) -> str:
     if "data-dependent" in str(exc) or "DataDependent" in type(exc).__name__:
         hint = (
             "That line branches on tensor values, which export cannot follow: rewrite it with "
-            "torch.where or torch.cond, or use frontend='fx' with leaf_modules=[...] around it.\n"
+            "torch.where or torch.cond, or use frontend='fx' with leaf_modules=[...] around it, or trace the "
+            "parts that are tensor code only (a detector's model.backbone, say) and adapt those.\n"
         )
     return (
         f"torch.export could not trace {type(model).__name__}{place}\n"
