@@ -81,6 +81,30 @@ class Masked(nn.Module):
         return self.fc(x)
 
 
+class PartialConv(nn.Module):
+    """Picks its forward in __init__, as timm's FasterNet does: a bound method in the instance's __dict__."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.forward = self.forward_split_cat
+
+    def forward_split_cat(self, x):
+        x1, x2 = torch.split(x, [4, 4], dim=1)
+        return torch.cat((self.conv(x1), x2), 1)
+
+
+class WithPartialConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = PartialConv()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.mix(self.stem(x)).mean((2, 3)))
+
+
 class Regions(nn.Module):
     """A linear inside an autocast region and one inside a no_grad region (higher-order ops under export)."""
 
@@ -199,13 +223,13 @@ def test_an_optional_input_left_out_is_none_and_given_stays_an_input(frontend):
     model = Masked().eval()
     x, mask = torch.randn(3, 4), torch.tensor([1.0, 0.0, 2.0])
     plain = fxtune.trace(model, frontend=frontend)
-    assert plain.meta["fxtune_trace"]["fixed_to_none"] == ["mask"]
+    assert plain.meta["fxtune_trace"]["fixed_inputs"] == {"mask": None}
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)  # fx alone would need a mask here
-        with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+        with pytest.raises(AssertionError, match=r"mask was fixed to None .* example_kwargs=\{'mask': \.\.\.\}"):
             plain(x, mask)
     live = fxtune.trace(model, frontend=frontend, example_inputs=(x,), example_kwargs={"mask": mask})
-    assert "fixed_to_none" not in live.meta["fxtune_trace"]
+    assert "fixed_inputs" not in live.meta["fxtune_trace"]
     with torch.no_grad():
         torch.testing.assert_close(live(x, mask), model(x, mask), rtol=0, atol=0)
     kept = fxtune.trace(model, frontend=frontend, concrete_args={"mask": torch.ones(3)})  # the user's own value wins
@@ -237,6 +261,20 @@ def test_torchvision_wrapped_functions_let_deform_conv_trace():
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
     assert [s.name for s in fxtune.sites(gm)] == ["conv", "offset", "head"]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_forward_picked_in_init_runs_on_fxtunes_copy(frontend):
+    """Before: fx stopped ("not installed as a submodule"), export baked mix.conv's weight in as a constant."""
+    torch.manual_seed(0)
+    model = WithPartialConv().eval()
+    snap = snapshot(model)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    gm = fxtune.trace(model, frontend=frontend, example_inputs=(x,))
+    assert [s.name for s in fxtune.sites(gm)] == ["stem", "mix.conv", "head"]
+    assert fxtune.coverage(model, gm).complete and not fxtune.coverage(model, gm).unused
+    _check_lora_every_site(model, gm, x)
+    assert_unchanged(model, snap)
 
 
 def test_sites_inside_autocast_and_no_grad_regions_are_found_and_exact():

@@ -1,10 +1,11 @@
-"""Which of forward's parameters symbolic tracing treats as inputs: the ones a call gives.
+"""Which of forward's parameters symbolic tracing treats as inputs: the ones the call gives.
 
 fx hands every parameter a Proxy, so `if mask is not None:` takes the branch that a call without
 `mask` never takes, and the graph then fails on exactly that call (timm's Hiera). So a parameter
-that defaults to None and that the example inputs do not give is fixed to None; fx checks it at
-run time (passing one raises "mask has been specialized to have value None"). Giving it in
-`example_inputs` / `example_kwargs` keeps it an input.
+that defaults to None and that the example inputs do not give is fixed to None. One with another
+plain default (`is_causal: bool = False`, timm's ViT) is fixed to it when tracing otherwise stops.
+fx checks fixed values at run time; fxtune's message says how to keep one an input: give it in
+`example_inputs` / `example_kwargs`.
 """
 
 from __future__ import annotations
@@ -13,30 +14,30 @@ import inspect
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+_PLAIN = (type(None), bool, int, float, str)
 
 
-def with_optional_inputs_fixed(
-    model: nn.Module, concrete_args: dict[str, Any] | None, example_inputs: Any = None, example_kwargs: dict | None = None
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """(concrete_args with every optional parameter the examples leave out set to None, those names).
-
-    The user's own concrete_args win; without examples, only required parameters are inputs.
-    """
+def defaults_to_fix(
+    model: nn.Module, concrete_args: dict[str, Any] | None, example_inputs: Any, example_kwargs: dict | None, *, plain: bool
+) -> dict[str, Any]:
+    """{name: default} of forward's parameters the example call leaves out and the user did not fix:
+    those defaulting to None, and with `plain` also those defaulting to a bool, int, float or str."""
     try:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return concrete_args, []
+        return {}
     given = _given(parameters, example_inputs, example_kwargs)
     if given is None:
-        return concrete_args, []
-    user = dict(concrete_args or {})
-    fixed = [name for name, p in parameters.items()
-             if p.kind in _NAMED and p.default is None and name not in given and name not in user]
-    merged = {**{name: None for name in fixed}, **user}
-    return merged or None, fixed
+        return {}
+    kinds = _PLAIN if plain else (type(None),)
+    return {
+        name: p.default for name, p in parameters.items()
+        if p.kind in _NAMED and p.default is not inspect.Parameter.empty and type(p.default) in kinds
+        and name not in given and name not in (concrete_args or {})
+    }
 
 
 def _given(parameters, example_inputs: Any, example_kwargs: dict | None) -> set[str] | None:
@@ -48,3 +49,15 @@ def _given(parameters, example_inputs: Any, example_kwargs: dict | None) -> set[
     except TypeError:
         return None
     return set(bound.arguments)
+
+
+def explain_fixed(graph: fx.Graph, fixed: dict[str, Any]) -> None:
+    """fx's run-time check of each fixed parameter says what fxtune did and how to keep it an input."""
+    for node in graph.nodes:
+        if node.op != "call_function" or len(node.args) != 2 or not isinstance(node.args[1], str):
+            continue
+        name, specialized, _ = node.args[1].partition(" has been specialized")
+        if specialized and name in fixed:
+            message = (f"{name} was fixed to {fixed[name]!r} when fxtune traced the model (the example inputs did "
+                       f"not give it); trace with example_kwargs={{'{name}': ...}} to keep it an input")
+            node.args = (node.args[0], message)

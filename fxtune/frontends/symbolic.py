@@ -9,10 +9,11 @@ from torch import fx, nn
 
 from ..errors import TraceError
 from ..graph.discovery import is_conv1d
-from ..graph.ownership import build_graph_module, own_module_tree
+from ..graph.ownership import build_graph_module
 from .explain import user_frames
+from .owned_tree import owned_copy
 from .library_rules import LibraryRules, library_rules, loaded_library_rules
-from .optional_inputs import with_optional_inputs_fixed
+from .optional_inputs import defaults_to_fix, explain_fixed
 from .record import FRONTEND, TRACE_RECORD
 
 
@@ -67,22 +68,25 @@ def symbolic_trace(
     If that stops and the model is built from timm or torchvision, it is traced again with what
     those libraries register for their own FX feature extraction: their wrapped functions, and
     each registered leaf module type tracing stopped inside (only those, so other layers stay
-    module calls). Parameters that default to None are inputs only if the example inputs give
-    them (see optional_inputs.py). `gm.meta["fxtune_trace"]` lists what was used.
+    module calls). Parameters with defaults are inputs only if the example inputs give them (see
+    optional_inputs.py). `gm.meta["fxtune_trace"]` lists what was used and fixed.
     """
     leaf_types, leaf_names = split_leaf_modules(model, leaf_modules)
-    concrete_args, fixed = with_optional_inputs_fixed(model, concrete_args, example_inputs, example_kwargs)
-    base = {"frontend": "fx", **({"fixed_to_none": fixed} if fixed else {})}
-    found = _attempt(model, _Tracer(leaf_types, leaf_names, LibraryRules()), concrete_args)
-    if not isinstance(found, _Failure):
-        return _finish(model, *found, record=base)
+    nones = defaults_to_fix(model, concrete_args, example_inputs, example_kwargs, plain=False)
+    plain = defaults_to_fix(model, concrete_args, example_inputs, example_kwargs, plain=True)
+    settings = [nones] + ([plain] if plain != nones else [])
+    for fixed in settings:
+        found = _attempt(model, _Tracer(leaf_types, leaf_names, LibraryRules()), {**fixed, **(concrete_args or {})})
+        if not isinstance(found, _Failure):
+            return _finish(model, *found, fixed=fixed, record={})
     rules = library_rules(model)
     added: list[type] = []
     while rules:
-        retry = _attempt(model, _Tracer(leaf_types + tuple(added), leaf_names, rules), concrete_args)
+        tracer = _Tracer(leaf_types + tuple(added), leaf_names, rules)
+        retry = _attempt(model, tracer, {**fixed, **(concrete_args or {})})
         if not isinstance(retry, _Failure):
             leaves = [_qualname(t) for t in added]
-            return _finish(model, *retry, record={**base, "libraries": list(rules.libraries), "library_leaf_modules": leaves})
+            return _finish(model, *retry, fixed=fixed, record={"libraries": list(rules.libraries), "library_leaf_modules": leaves})
         found = retry
         leaf = _registered_leaf(found.tracer, rules, leaf_types + tuple(added))
         if leaf is None:
@@ -106,18 +110,19 @@ def split_leaf_modules(model: nn.Module, leaf_modules: Iterable[type | str]) -> 
 
 def _attempt(model: nn.Module, tracer: _Tracer, concrete_args: dict[str, Any] | None) -> tuple | _Failure:
     """(owned tree, graph) of one tracing attempt on a fresh owned tree, or where it failed."""
-    owned = own_module_tree(model, freeze=True)
+    owned = owned_copy(model)
     try:
         return owned, tracer.trace(owned, concrete_args=concrete_args)
     except Exception as exc:  # the tracer raises many types; all mean "cannot trace here"
         return _Failure(tracer, exc)
 
 
-def _finish(model: nn.Module, owned: nn.Module, graph: fx.Graph, *, record: dict) -> fx.GraphModule:
+def _finish(model: nn.Module, owned: nn.Module, graph: fx.Graph, *, fixed: dict, record: dict) -> fx.GraphModule:
+    explain_fixed(graph, fixed)
     name = type(model).__name__
     gm = build_graph_module(owned, graph, class_name=name if name.isidentifier() else "GraphModule")
     gm.meta[FRONTEND] = "fx"
-    gm.meta[TRACE_RECORD] = record
+    gm.meta[TRACE_RECORD] = {"frontend": "fx", **({"fixed_inputs": fixed} if fixed else {}), **record}
     return gm
 
 

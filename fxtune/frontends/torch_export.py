@@ -15,9 +15,10 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from ..errors import TraceError
 from ..graph.discovery import is_conv1d
-from ..graph.ownership import build_graph_module, own_module_tree
+from ..graph.ownership import build_graph_module
 from .dynamic_shapes import Dynamic, dynamic_shapes
 from .explain import user_frames
+from .owned_tree import owned_copy
 
 GUARDS = "_guards_fn"  # torch.export's input check: shapes the graph was specialised to
 _DROPPED_META = ("from_node",)  # provenance pointing into torch.export's own graphs
@@ -31,7 +32,7 @@ def export_trace(
     Shapes are those of the examples unless `dynamic=` frees some (see dynamic_shapes.py).
     """
     args, kwargs = _examples(example_inputs, example_kwargs)
-    owned = own_module_tree(model, freeze=True)
+    owned = owned_copy(model)
     shapes = dynamic_shapes(owned, args, kwargs, dynamic)
     try:
         program = torch.export.export(owned, args, kwargs, dynamic_shapes=shapes)
