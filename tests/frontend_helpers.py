@@ -1,11 +1,13 @@
 """A float64 reference for "LoRA on every site" that asks fxtune nothing: the test's own W + s·B@A, run
-through the user's model with torch.func.functional_call (so no copy of the model is made or changed).
+through a copy of the user's model with torch.func.functional_call.
 
 Where each adapted weight lives comes from `site_helpers.location` (module path -> .weight, q/k/v rows
 of MultiheadAttention, embeddings and Conv1D transposed); the adapter's A, B and scale from its slot.
 """
 
 from __future__ import annotations
+
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -18,17 +20,17 @@ def _double(value):
 
 
 def lora_state64(model: nn.Module, adapted: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The model's parameters and buffers in float64, each adapted weight W replaced by W + s·(B@A)."""
-    tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
-    names_of: dict[int, list[str]] = {}
-    for name, t in tensors.items():
-        names_of.setdefault(id(t), []).append(name)
-    converted = {key: _double(tensors[names[0]].detach()) for key, names in names_of.items()}
-    state = {name: converted[id(t)] for name, t in tensors.items()}  # one tensor per tied group, as functional_call wants
+    """The model's parameters and buffers in float64, each adapted weight W replaced by W + s·(B@A).
+
+    One name per tensor: functional_call ties the other names of a shared tensor itself.
+    """
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    state = {name: _double(t.detach()) for name, t in tensors.items()}
+    name_of = {id(t): name for name, t in tensors.items()}
     for target, slot in slots(adapted, adapter).items():
         module, param, rows, transposed = location(model, target)
-        names = names_of[id(getattr(module, param))]
-        weight = state[names[0]].clone()  # earlier slots on other rows of this tensor are kept
+        name = name_of[id(getattr(module, param))]
+        weight = state[name].clone()  # earlier slots on other rows of this tensor are kept
         view = weight[rows] if rows is not None else weight
         canonical = view.t() if transposed else view
         a, b = slot.lora_a.detach().double().flatten(1), slot.lora_b.detach().double().flatten(1)
@@ -38,8 +40,7 @@ def lora_state64(model: nn.Module, adapted: nn.Module, adapter: str = "default")
             weight[rows] = new
         else:
             weight = new
-        for name in names:
-            state[name] = weight
+        state[name] = weight
     return state
 
 
@@ -52,11 +53,12 @@ def lora_reference64(
     tensors of their own in forward (RAFT's sampling grids).
     """
     state = lora_state64(model, adapted)
+    copy = deepcopy(model)  # functional_call can leave a module that is shared under two names (timm's
+    # coat) holding the substitutes afterwards: the user's model must not be the one it runs
     if dtype != torch.float64:
-        rounded: dict[int, torch.Tensor] = {}  # tied names keep one tensor
-        state = {k: rounded.setdefault(id(v), v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     convert = _double if dtype == torch.float64 else (lambda v: v)
     with torch.no_grad():
         return torch.func.functional_call(
-            model, state, tuple(convert(a) for a in args), {k: convert(v) for k, v in (kwargs or {}).items()}
+            copy, state, tuple(convert(a) for a in args), {k: convert(v) for k, v in (kwargs or {}).items()}
         )
