@@ -209,8 +209,9 @@ def test_a_wrong_leaf_name_is_not_a_reason_to_fall_back():
 
 @pytest.mark.parametrize(
     "options",
-    [{"frontend": "fx", "dynamic": "batch"}, {"leaf_modules": [3]}, {"frontend": "export", "leaf_modules": [nn.Linear]}],
-    ids=["fx-dynamic", "leaf-not-a-type", "export-leaf"],
+    [{"frontend": "fx", "dynamic": "batch"}, {"leaf_modules": [3]}, {"frontend": "export", "leaf_modules": [nn.Linear]},
+     {"dynamic": "seq"}],
+    ids=["fx-dynamic", "leaf-not-a-type", "export-leaf", "dynamic-unknown"],
 )
 def test_options_of_the_other_front_end_are_refused(options):
     with pytest.raises(fxtune.TraceError):

@@ -33,6 +33,12 @@ _USAGE = (
 )
 
 
+def check_dynamic(dynamic: Dynamic) -> None:
+    """Refuses a `dynamic=` of the wrong kind early, before any tracing (per-input details are checked later)."""
+    if not (dynamic is None or isinstance(dynamic, (bool, dict)) or dynamic == "batch"):
+        raise TraceError(f"{_USAGE}; got {dynamic!r}")
+
+
 def dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict, dynamic: Dynamic) -> dict | None:
     """torch.export's `dynamic_shapes` for `dynamic=`, keyed by forward's parameter names; None when static."""
     if dynamic is None or dynamic is False:
@@ -44,8 +50,7 @@ def dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict, dynamic: Dynami
         return {name: pytree.tree_map(_every_dim, value) for name, value in bound.items()}
     if dynamic == "batch":
         return {name: pytree.tree_map(_batch_dim, value) for name, value in bound.items()}
-    if not isinstance(dynamic, dict):
-        raise TraceError(f"{_USAGE}; got {dynamic!r}")
+    check_dynamic(dynamic)
     unknown = sorted(str(k) for k in dynamic if k not in bound)
     if unknown:
         raise TraceError(f"dynamic= names {unknown}, which are not inputs given to forward {sorted(bound)}; {_USAGE}")

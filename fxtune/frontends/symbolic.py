@@ -11,9 +11,9 @@ from ..errors import TraceError
 from ..graph.discovery import is_conv1d
 from ..graph.ownership import build_graph_module
 from .explain import user_frames
-from .owned_tree import owned_copy
 from .library_rules import LibraryRules, library_rules, loaded_library_rules
 from .optional_inputs import defaults_to_fix, explain_fixed
+from .owned_tree import owned_copy
 from .record import FRONTEND, TRACE_RECORD
 
 

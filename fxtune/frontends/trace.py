@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from torch import fx, nn
 
 from ..errors import TraceError, warn
-from .dynamic_shapes import Dynamic
+from .dynamic_shapes import Dynamic, check_dynamic
 from .record import FRONTEND, TRACE_RECORD
 from .symbolic import split_leaf_modules, symbolic_trace
 from .torch_export import export_trace
@@ -52,6 +52,7 @@ def trace(
         )
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxtune.trace expects an nn.Module, got {type(model).__name__}")
+    check_dynamic(dynamic)
     if frontend == "export":
         if tuple(leaf_modules) or concrete_args is not None:
             raise TraceError("leaf_modules and concrete_args belong to frontend='fx'; torch.export traces every module")
@@ -64,7 +65,10 @@ def trace(
     return _auto(model, example_inputs, example_kwargs, tuple(leaf_modules), concrete_args, dynamic)
 
 
-def _auto(model, example_inputs, example_kwargs, leaf_modules, concrete_args, dynamic) -> fx.GraphModule:
+def _auto(
+    model: nn.Module, example_inputs: Any, example_kwargs: dict | None, leaf_modules: tuple, concrete_args: dict | None,
+    dynamic: Dynamic,
+) -> fx.GraphModule:
     """Symbolic tracing; if it stops, torch.export on the example inputs, with a warning naming why."""
     split_leaf_modules(model, leaf_modules)  # a wrong name is the user's mistake, not a reason to fall back
     try:
@@ -94,7 +98,7 @@ def _auto(model, example_inputs, example_kwargs, leaf_modules, concrete_args, dy
     return gm
 
 
-def _exported(model, example_inputs, example_kwargs, dynamic, record: dict) -> fx.GraphModule:
+def _exported(model: nn.Module, example_inputs: Any, example_kwargs: dict | None, dynamic: Dynamic, record: dict) -> fx.GraphModule:
     gm = export_trace(model, example_inputs, example_kwargs, dynamic=dynamic)
     gm.meta[FRONTEND] = "export"
     gm.meta[TRACE_RECORD] = record
