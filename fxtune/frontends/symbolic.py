@@ -92,7 +92,7 @@ def symbolic_trace(
         if leaf is None:
             break
         added.append(leaf)
-    raise TraceError(explain_symbolic(model, found.tracer, found.exc, rules.libraries))
+    raise TraceError(_explain(model, found.tracer, found.exc, rules.libraries))
 
 
 def split_leaf_modules(model: nn.Module, leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], frozenset[str]]:
@@ -139,7 +139,7 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def explain_symbolic(model: nn.Module, tracer: _Tracer, exc: Exception, libraries: tuple[str, ...] = ()) -> str:
+def _explain(model: nn.Module, tracer: _Tracer, exc: Exception, libraries: tuple[str, ...] = ()) -> str:
     """Names the module and source line where tracing failed, and what to try."""
     where, module = tracer.inside[-1] if tracer.inside else ("<top level>", model)
     frames = user_frames(exc.__traceback__)

@@ -37,7 +37,7 @@ def export_trace(
     try:
         program = torch.export.export(owned, args, kwargs, dynamic_shapes=shapes)
     except Exception as exc:  # export raises many types; all mean "cannot export here"
-        raise TraceError(explain_export(model, owned, exc)) from exc
+        raise TraceError(_explain(model, owned, exc)) from exc
     exported = program.module()
     graph = exported.graph
     _adopt_attributes(owned, exported, graph)
@@ -234,7 +234,7 @@ def _owner_path(node: fx.Node) -> str | None:
     return path if path and f"{path}.weight" in weights else None
 
 
-def explain_export(model: nn.Module, owned: nn.Module, exc: Exception) -> str:
+def _explain(model: nn.Module, owned: nn.Module, exc: Exception) -> str:
     """Names the module and source line where export failed, what it said, and what to try."""
     names = {id(m): name for name, m in owned.named_modules()}
     where, line = None, None
