@@ -313,6 +313,7 @@ def test_shapes_are_static_unless_asked():
     """Static by default (export costs what torch.export.export costs); other sizes are refused by name."""
     model, args, kwargs = bert()
     gm = _trace(model, args, kwargs)
+    assert not any(isinstance(n.meta.get("val"), torch.SymInt) for n in gm.graph.nodes)  # no symbolic sizes
     with torch.no_grad():
         torch.testing.assert_close(_out(gm(*args, **kwargs)), _out(model(*args, **kwargs)), rtol=1e-5, atol=1e-6)
         with pytest.raises(Exception, match=r"input_ids\.size\(\)\[0\] == 2"):
