@@ -293,10 +293,13 @@ def test_forward_takes_inputs_directly_so_passes_can_add_some():
         assert rel_err(out[1], ref(ids, attention_mask=mask).last_hidden_state[1]) < 1e-5
 
 
-def test_other_batch_and_sequence_sizes_run_and_out_of_range_is_refused():
-    """Export keeps batch and sequence dynamic; what it fixed (BERT's 64 positions) is checked."""
+TOKENS = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+
+
+def test_named_dynamic_dims_run_other_sizes_and_out_of_range_is_refused():
+    """dynamic= frees batch and sequence; what export fixed (BERT's 64 positions) is checked."""
     model, args, kwargs = bert()
-    gm = _trace(model, args, kwargs)
+    gm = fxtune.trace(model, frontend="export", example_inputs=args, example_kwargs=kwargs, dynamic=TOKENS)
     ids, mask = _tokens((3, 11), seed=4), torch.ones(3, 11, dtype=torch.long)
     with torch.no_grad():
         expected = _out(model(ids, attention_mask=mask))
@@ -304,6 +307,39 @@ def test_other_batch_and_sequence_sizes_run_and_out_of_range_is_refused():
     too_long = _tokens((2, 65), seed=5)
     with pytest.raises(Exception, match="64"):
         gm(too_long, attention_mask=torch.ones(2, 65, dtype=torch.long))
+
+
+def test_shapes_are_static_unless_asked():
+    """Static by default (export costs what torch.export.export costs); other sizes are refused by name."""
+    model, args, kwargs = bert()
+    gm = _trace(model, args, kwargs)
+    assert not any(isinstance(n.meta.get("val"), torch.SymInt) for n in gm.graph.nodes)  # no symbolic sizes
+    with torch.no_grad():
+        torch.testing.assert_close(_out(gm(*args, **kwargs)), _out(model(*args, **kwargs)), rtol=1e-5, atol=1e-6)
+        with pytest.raises(Exception, match=r"input_ids\.size\(\)\[0\] == 2"):
+            gm(_tokens((3, 7)), attention_mask=torch.ones(3, 7, dtype=torch.long))
+    batch = fxtune.trace(model, frontend="export", example_inputs=args, example_kwargs=kwargs, dynamic="batch")
+    ids, mask = _tokens((5, 7), seed=6), torch.ones(5, 7, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(batch(ids, attention_mask=mask)), _out(model(ids, attention_mask=mask)), rtol=1e-5, atol=1e-6)
+        with pytest.raises(Exception, match=r"size\(\)\[1\] == 7"):
+            batch(_tokens((5, 8)), attention_mask=torch.ones(5, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "dynamic, message",
+    [
+        ({"pixels": {0: "batch"}}, r"names \['pixels'\], which are not inputs"),
+        ({"input_ids": {2: "batch"}}, r"does not fit input 'input_ids' of shape \(2, 7\)"),
+        ({"input_ids": ("batch",)}, "does not fit"),
+        ({"input_ids": "batch"}, "give a dict"),
+        ("everything", "dynamic= takes 'batch'"),
+    ],
+)
+def test_dynamic_argument_errors(dynamic, message):
+    model, args, kwargs = bert()
+    with pytest.raises(fxtune.TraceError, match=message):
+        fxtune.trace(model, frontend="export", example_inputs=args, example_kwargs=kwargs, dynamic=dynamic)
 
 
 class Stateful(nn.Module):
@@ -376,9 +412,9 @@ def test_fx_failure_suggests_export_front_end():
     [
         lambda m: fxtune.trace(m, frontend="export", example_inputs=(torch.randn(2, 4),), leaf_modules=[Gate]),
         lambda m: fxtune.trace(m, frontend="export", example_inputs="not inputs"),
-        lambda m: fxtune.trace(m, example_kwargs={"x": torch.randn(2, 4)}),
+        lambda m: fxtune.trace(m, frontend="fx", dynamic="batch"),
     ],
-    ids=["leaf-modules", "bad-inputs", "kwargs-with-fx"],
+    ids=["leaf-modules", "bad-inputs", "dynamic-with-fx"],
 )
 def test_front_end_argument_errors(call):
     model = Outer()

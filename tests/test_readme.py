@@ -131,3 +131,8 @@ def test_the_interactive_examples_are_real_output(tmp_path, monkeypatch):
         out = io.StringIO()
         result = runner.run(test, out=out.write)
         assert result.failed == 0, out.getvalue()
+
+
+def test_the_hugging_face_example_prints_what_the_readme_shows():
+    code, shown = block_after("import re, torch, transformers, fxtune")
+    assert run(code, {}).strip() == shown.strip()

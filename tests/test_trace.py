@@ -24,6 +24,16 @@ class Flagged(nn.Module):
         return y
 
 
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, scale: float = 2.0):
+        return self.fc(x) * scale
+
+
 @pytest.mark.parametrize("build", [small_net, lambda: vision_model("resnet18")], ids=["small", "resnet18"])
 def test_trace_output_and_model_untouched(build):
     model = build()
@@ -105,12 +115,27 @@ def test_layers_inside_a_leaf_module_stay_sites_called_through_it():
 @pytest.mark.parametrize("value", [True, False])
 def test_concrete_args(value):
     model = Flagged()
-    with pytest.raises(fxtune.TraceError):
-        fxtune.trace(model)
     gm = fxtune.trace(model, concrete_args={"double": value})
     x = torch.randn(3, 4)
     assert torch.equal(gm(x, value), model(x, double=value))
     assert [s.name for s in fxtune.sites(gm)] == ["fc"]
+
+
+def test_a_flag_left_out_is_fixed_to_its_default_only_where_tracing_needs_it():
+    """`if double:` stops symbolic tracing on a Proxy; the call `model(x)` means double=False, so it is
+    fixed to that, and the graph refuses another value with a message saying how to keep it an input."""
+    model = Flagged()
+    gm = fxtune.trace(model, frontend="fx")
+    assert gm.meta["fxtune_trace"]["fixed_inputs"] == {"double": False}
+    x = torch.randn(3, 4)
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(AssertionError, match=r"double was fixed to False .* example_kwargs=\{'double': \.\.\.\}"):
+        gm(x, True)
+    scaled = fxtune.trace(Scaled(), frontend="fx")  # traces with the Proxy: stays an input
+    assert "fixed_inputs" not in scaled.meta["fxtune_trace"]
+    assert torch.equal(scaled(x, 3.0), Scaled()(x, 3.0))
+    with pytest.raises(fxtune.TraceError, match="if double:"):
+        fxtune.trace(model, frontend="fx", example_kwargs={"double": True})  # given, so an input: tracing stops on it
 
 
 def test_parameter_used_functionally_is_shared():

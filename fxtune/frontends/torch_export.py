@@ -7,30 +7,34 @@ state_dict keys are the model's, and linear/conv/embedding weights are `get_attr
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.export import Dim
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
-from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
 from ..graph.discovery import is_conv1d
 from ..graph.ownership import build_graph_module, own_module_tree
+from .dynamic_shapes import Dynamic, dynamic_shapes
 from .explain import user_frames
 
 GUARDS = "_guards_fn"  # torch.export's input check: shapes the graph was specialised to
 _DROPPED_META = ("from_node",)  # provenance pointing into torch.export's own graphs
 
 
-def export_trace(model: nn.Module, example_inputs: Any, example_kwargs: dict | None) -> fx.GraphModule:
-    """`model` traced by torch.export on the example inputs, as a GraphModule fxtune owns."""
+def export_trace(
+    model: nn.Module, example_inputs: Any, example_kwargs: dict | None, *, dynamic: Dynamic = None
+) -> fx.GraphModule:
+    """`model` traced by torch.export on the example inputs, as a GraphModule fxtune owns.
+
+    Shapes are those of the examples unless `dynamic=` frees some (see dynamic_shapes.py).
+    """
     args, kwargs = _examples(example_inputs, example_kwargs)
     owned = own_module_tree(model, freeze=True)
+    shapes = dynamic_shapes(owned, args, kwargs, dynamic)
     try:
-        program = torch.export.export(owned, args, kwargs, dynamic_shapes=_auto_shapes(owned, args, kwargs))
+        program = torch.export.export(owned, args, kwargs, dynamic_shapes=shapes)
     except Exception as exc:  # export raises many types; all mean "cannot export here"
         raise TraceError(_explain(model, owned, exc)) from exc
     exported = program.module()
@@ -65,29 +69,14 @@ def _examples(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, 
     return tuple(example_inputs), dict(example_kwargs or {})
 
 
-def _auto_shapes(module: nn.Module, args: tuple, kwargs: dict) -> dict | None:
-    """Every dimension of every example tensor as `Dim.AUTO`: export keeps dynamic what it can.
-
-    So the graph also runs on other batch sizes and sequence lengths; what export had to fix
-    (a size of 1 in the examples, a weight's width) is checked by its `_guards_fn`.
-    """
-    try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-    except (TypeError, ValueError):
-        return None  # export itself will report the mismatch
-    return {name: pytree.tree_map(_all_auto, value) for name, value in bound.items()}
-
-
-def _all_auto(value: Any) -> dict | None:
-    return {i: Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
-
-
 def _adopt_attributes(owned: nn.Module, exported: fx.GraphModule, graph: fx.Graph) -> None:
     """Gives `owned` whatever the graph reads that is not already its parameter or buffer.
 
-    That is export's input check and tensor constants: constants made in forward (only export
-    has them) and plain tensor attributes. Both become non-persistent buffers (copies), so the
-    state_dict keeps exactly the model's keys.
+    That is export's input check, the subgraphs of higher-order ops (an autocast or no_grad region
+    in forward: `wrap_with_autocast(..., submod_1, x, weight, bias)`) and tensor constants:
+    constants made in forward (only export has them) and plain tensor attributes. Subgraphs become
+    child modules; constants non-persistent buffers (copies), so the state_dict keeps exactly the
+    model's keys. A region receives the weights it uses as inputs, so they are sites (read as values).
     """
     for node in graph.nodes:
         if node.op == "call_module" and node.target == GUARDS:
@@ -99,10 +88,20 @@ def _adopt_attributes(owned: nn.Module, exported: fx.GraphModule, graph: fx.Grap
         if field in holder._parameters or field in holder._buffers:
             continue
         value = getattr(holder, field, None)
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, (torch.Tensor, nn.Module)):
             value = getattr(exported.get_submodule(path), field)
+        if isinstance(value, nn.Module):
+            _adopt_region(holder, field, value)
+            continue
         holder.__dict__.pop(field, None)
         holder.register_buffer(field, value.detach().clone(), persistent=False)
+
+
+def _adopt_region(holder: nn.Module, field: str, region: nn.Module) -> None:
+    """A higher-order op's subgraph becomes a child module (export lifts every weight out of it,
+    so its weights arrive as inputs: value sites, adapted in weight form)."""
+    if field not in holder._modules:
+        holder._modules[field] = region
 
 
 def _tidy(graph: fx.Graph) -> None:
@@ -253,7 +252,8 @@ def _explain(model: nn.Module, owned: nn.Module, exc: Exception) -> str:
     if "data-dependent" in str(exc) or "DataDependent" in type(exc).__name__:
         hint = (
             "That line branches on tensor values, which export cannot follow: rewrite it with "
-            "torch.where or torch.cond, or use frontend='fx' with leaf_modules=[...] around it.\n"
+            "torch.where or torch.cond, or use frontend='fx' with leaf_modules=[...] around it, or trace the "
+            "parts that are tensor code only (a detector's model.backbone, say) and adapt those.\n"
         )
     return (
         f"torch.export could not trace {type(model).__name__}{place}\n"

@@ -12,6 +12,7 @@ replaced, see adapters/base_weights.py), and `gm.meta` (e.g. `TRAINABLE`).
 from __future__ import annotations
 
 import copy
+import types
 from collections import OrderedDict
 from typing import Callable
 
@@ -68,7 +69,8 @@ _SHARED = frozenset({"_parameters", "_buffers", "_modules"})  # replaced by own_
 
 
 def shallow_module_copy(module: nn.Module) -> nn.Module:
-    """A new module object with the same attributes; its dicts (hooks, records...) are copies.
+    """A new module object with the same attributes; its dicts (hooks, records...) are copies, and
+    methods bound to the module in its own `__dict__` (a forward chosen in `__init__`) are bound to the copy.
 
     Avoids `copy.copy`, which on a GraphModule goes through `__reduce__` and re-traces code,
     and `GraphModule.__new__`, which makes a new class without the instance's forward.
@@ -78,6 +80,8 @@ def shallow_module_copy(module: nn.Module) -> nn.Module:
     for key, value in state.items():
         if key not in _SHARED and isinstance(value, (dict, set)):
             state[key] = value.copy()
+        elif isinstance(value, types.MethodType) and value.__self__ is module:
+            state[key] = types.MethodType(value.__func__, new)  # `self.forward = self.forward_split` (timm FasterNet)
     new.__dict__.update(state)
     return new
 
@@ -105,7 +109,7 @@ def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str = "Grap
     gm._graph = graph
     graph.owning_module = gm
     gm._tracer_cls = graph._tracer_cls if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__ else None
-    gm._tracer_extras = graph._tracer_extras
+    gm._tracer_extras = graph._tracer_extras or {}
     if compile:
         gm.recompile()
     for hook in _ON_BUILD:
