@@ -25,7 +25,8 @@ from fuzz_ops import Op, adapter_kinds, draw_adapter_pass, draw_lifecycle, draw_
 from fuzz_reference import adapter_slots, reference_output, relative_error
 
 TOLERANCE = 1e-4  # adapted float32 output vs the float64 reference, relative to max |reference|
-REPEAT_TOLERANCE = 2e-6  # two float32 computations of the same adapted model (fused/unfused, reloaded)
+REPEAT_TOLERANCE = 2e-6
+INIT_TOLERANCE = 1e-5  # a freshly added adapter that starts as the identity, vs the output before it  # two float32 computations of the same adapted model (fused/unfused, reloaded)
 
 
 def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -86,6 +87,9 @@ class Chain:
         except fxtune.FxtuneError as e:
             self.refused.append((label, f"{type(e).__name__}: {e}"))
             new = None
+        except Exception as e:  # a raw exception from inside fxtune: a bug; say where the chain was
+            e.add_note(f"raised by {label}, {self.where()}")
+            raise
         if new is not None and not new.training:
             # Workaround for a known bug (test_fuzz_found.py::test_lora_dropout_follows_the_graph_modules_eval_mode):
             # a LoRA dropout module is added (or loaded) in training mode into an eval-mode GraphModule.
@@ -97,26 +101,55 @@ class Chain:
     def accept(self, label: str, new: fx.GraphModule) -> None:
         self.log.append(label)
         self.gm = new
-        self.out = new(self.x)
+        try:
+            self.out = new(self.x)
+        except Exception as e:
+            e.add_note(f"raised by the forward {self.where()}")
+            raise
         self.check_reference()
 
     def check_reference(self) -> None:
-        ref = reference_output(self.base, self.gm, self.x)
+        ref, amplification = reference_output(self.base, self.gm, self.x)
         err = relative_error(self.out, ref)
-        assert err < TOLERANCE, f"adapted output vs float64 reference: relative error {err:.2e} {self.where()}"
+        assert err < TOLERANCE * amplification, f"adapted output vs float64 reference: relative error {err:.2e} {self.where()}"
 
     def apply(self, op: Op) -> bool:
         if op.kind == "lora" and op.options.get("init") == "pissa":
             # Known bug (test_fuzz_found.py::test_second_pissa_on_one_weight_keeps_the_output_or_is_refused):
             # a second PiSSA adapter on a weight loses its residual.
             assume(not any(s.kind == "lora" and s.config.get("init") == "pissa" for s in adapter_slots(self.gm)))
+            # Known bug (test_fuzz_found.py::test_unmerge_after_pissa_on_a_merged_weight_keeps_the_output): PiSSA
+            # takes its residual from a merged weight as if it were the base.
+            assume(not any(s.merged for s in adapter_slots(self.gm)))
+        if op.kind == "dora":
+            # Known bug (test_fuzz_found.py::test_dora_after_a_pruned_output_channel_gives_no_nan).
+            assume(not any(s.active and s.kind.startswith("sp_") for s in adapter_slots(self.gm)))
         new = self.attempt(op.label, op.run)
         if new is None:
             return False
+        if op.effect == "adapter" and self.starts_as_identity(op, new):
+            err = relative_error(new(self.x), self.out)
+            assert err < INIT_TOLERANCE, f"{op.label} changed the output at init by {err:.1e} ({self.where()})"
         if op.effect == "adapter":
             self.perturbs += 1
             perturb(new, self.seed * 1000 + self.perturbs)
         self.accept(op.label, new)
+        return True
+
+    def starts_as_identity(self, op: Op, new: fx.GraphModule) -> bool:
+        """Whether the adapters `op` added leave the output as it was until trained: every kind but the
+        SP ones (their masks prune, their factors start small but non-zero) and train_module, whose copy
+        of the base weight replaces what earlier adapters on it did."""
+        if op.kind in ("sp_lora", "sp_para", "sp_lopa", "train_module"):
+            return False
+        if op.kind == "dora" or (op.kind == "lora" and op.options.get("init") == "pissa"):
+            # Known bugs (test_fuzz_found.py::test_pissa_after_another_adapter_keeps_the_output_or_is_refused,
+            # ::test_dora_after_another_adapter_keeps_the_output_at_init): PiSSA's residual and DoRA's magnitude
+            # are taken from the base weight, not from the weight the adapters before them on it make.
+            before = adapter_slots(self.gm)
+            old = {(s.adapter, s.target) for s in before}
+            added = {s.target for s in adapter_slots(new) if (s.adapter, s.target) not in old}
+            return not any(s.active and s.target in added for s in before)
         return True
 
     # -- the example ----------------------------------------------------------------------------
@@ -151,6 +184,7 @@ class Chain:
                 "unmerge": ("unmerge()", fxtune.unmerge),
                 "set_active": (f"set_active({arg})", lambda g: fxtune.set_active(g, arg)),
                 "delete": (f"delete_adapter({arg!r})", lambda g: fxtune.delete_adapter(g, arg)),
+                "unload": ("unload()", fxtune.unload),
             }[what]
         new = self.attempt(label, run)
         if new is None:
@@ -189,7 +223,8 @@ class Chain:
         if not any(s.merged for s in slots):
             assert torch.equal(y, self.out), f"reloaded adapters {names} give other outputs ({self.where()})"
         err = relative_error(y, self.out)
-        assert err < REPEAT_TOLERANCE, f"reloaded adapters differ by {err:.1e} ({self.where()})"
+        amplification = reference_output(self.base, self.gm, self.x)[1]
+        assert err < REPEAT_TOLERANCE * amplification, f"reloaded adapters differ by {err:.1e} ({self.where()})"
 
     @staticmethod
     def _order_kept(slots, names: list[str]) -> bool:
@@ -206,13 +241,13 @@ class Chain:
         if fused is None:
             return None
         chosen = None if names is None else set(names)
-        ref = reference_output(self.base, self.gm, self.x, chosen=chosen)
+        ref, amplification = reference_output(self.base, self.gm, self.x, chosen=chosen)
         y = fused(self.x)
         err = relative_error(y, ref)
-        assert err < TOLERANCE, f"fuse({names}) vs float64 reference: {err:.2e} {self.where()}"
+        assert err < TOLERANCE * amplification, f"fuse({names}) vs float64 reference: {err:.2e} {self.where()}"
         if names is None:
             err = relative_error(y, self.out)
-            assert err < 10 * REPEAT_TOLERANCE, f"fused vs unfused output: {err:.2e} {self.where()}"
+            assert err < 10 * REPEAT_TOLERANCE * amplification, f"fused vs unfused output: {err:.2e} {self.where()}"
         assert "fxtune" not in fused._modules, f"fuse left adapters behind {self.where()}"
         expected = self.structural.code if self.structural is not None else fxtune.trace(self.model).code
         assert fused.code == expected, f"fused code is not the traced code {self.where()}:\n{fused.code}"
@@ -231,7 +266,7 @@ def run_chain(data, spec: NetSpec, seed: int, *, max_ops: int = 6) -> Chain:
     """One fuzz example: structural prefix, random adapter passes and lifecycle calls, final fuse."""
     chain = Chain(spec, seed)
     chain.structural_prefix(data)
-    for i in range(data.draw(st.integers(1, max_ops), label="operations")):
+    for _ in range(data.draw(st.integers(1, max_ops), label="operations")):
         has_adapters = bool(adapter_slots(chain.gm))
         if not has_adapters or data.draw(st.sampled_from([True, True, False]), label="adapter pass"):
             chain.apply(draw_adapter_pass(data, chain.gm))

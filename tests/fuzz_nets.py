@@ -75,6 +75,8 @@ class Net(nn.Module):
         op, args = step[0], step[1:]
         if op in ("call", "emb", "bn"):
             return getattr(self, args[0])(h)
+        if op == "gpt":  # transformers' Conv1D views its input as (-1, in): GPT-2 feeds it contiguous tensors
+            return getattr(self, args[0])(h.contiguous())
         if op == "act":
             return torch.relu(h)
         if op == "res":
@@ -243,7 +245,7 @@ def _linear_blocks(d: _Drawer, width: int, *, seq: bool) -> int:
             d.spec.steps.append(("cat", a, b, -1))
             out += other
         elif block == "conv1D":
-            d.spec.steps.append(("call", d.module("gpt", "Conv1D", nf=out, nx=width)))
+            d.spec.steps.append(("gpt", d.module("gpt", "Conv1D", nf=out, nx=width)))
         elif block == "mha":
             heads = draw(st.sampled_from([h for h in _divisors(width) if h <= 4]))
             kv = None

@@ -7,6 +7,7 @@ GraphModule. Targets are drawn from the GraphModule's current sites.
 
 from __future__ import annotations
 
+import fnmatch
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -55,8 +56,10 @@ def draw_targets(data, gm: fx.GraphModule):
     if how == "names":
         return data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True), label="names")
     if how == "type":
-        return data.draw(st.sampled_from(SITE_TYPES), label="type")
-    return data.draw(st.sampled_from(GLOBS), label="glob")
+        present = [t for t in SITE_TYPES if any(isinstance(m, t) for m in gm.modules())]
+        return data.draw(st.sampled_from(present or SITE_TYPES), label="type")
+    present = [g for g in GLOBS if any(fnmatch.fnmatchcase(n, g) for n in names)]
+    return data.draw(st.sampled_from(present or GLOBS), label="glob")
 
 
 def adapter_kinds(gm: nn.Module) -> dict[str, str]:
@@ -178,7 +181,7 @@ def _subset(data, names: list[str], label: str, min_size: int = 0) -> list[str]:
 def draw_lifecycle(data, gm: fx.GraphModule, *, can_swap: bool) -> tuple[str, object]:
     """A lifecycle call: (what, argument). The chain runner knows how to perform and check each."""
     names = list(adapter_kinds(gm))
-    choices = ["merge", "merge", "unmerge", "set_active", "set_active", "delete", "save_load", "save_load", "fuse_check"]
+    choices = ["merge", "merge", "unmerge", "set_active", "set_active", "delete", "save_load", "save_load", "fuse_check", "unload"]
     if can_swap:
         choices.append("swap_base")
     what = data.draw(st.sampled_from(choices), label="lifecycle")

@@ -82,10 +82,11 @@ def _pissa_part(slot: fxtune.AdapterSlot, shape: torch.Size) -> torch.Tensor:
     return slot.config["scale"] * (b0.flatten(1) @ a0.flatten(1)).view(shape)
 
 
-def adapted_weights(base: nn.Module, gm: nn.Module, chosen: set[str] | None = None) -> dict[str, torch.Tensor]:
+def adapted_weights(base: nn.Module, gm: nn.Module, chosen: set[str] | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """base's floating parameters and buffers in float64, with gm's active adapters (or those named in
     `chosen`) applied."""
     values = {k: v.detach().double() for k, v in [*base.named_parameters(), *base.named_buffers()] if v.is_floating_point()}
+    amplification = 1.0
     by_target: dict[str, list[fxtune.AdapterSlot]] = {}
     for slot in adapter_slots(gm):
         if (slot.active if chosen is None else slot.adapter in chosen):
@@ -105,6 +106,8 @@ def adapted_weights(base: nn.Module, gm: nn.Module, chosen: set[str] | None = No
         w = w0
         for slot in slots:
             kind, inputs = fxtune.get_kind(slot.kind), slot_inputs64(slot)
+            if slot.kind == "dora":
+                amplification = max(amplification, _dora_amplification(w, inputs))
             w = kind.weight(w, **_accepted(kind.weight, inputs))
             if b is not None and kind.bias is not None:
                 b = kind.bias(b, **_accepted(kind.bias, inputs))
@@ -116,15 +119,26 @@ def adapted_weights(base: nn.Module, gm: nn.Module, chosen: set[str] | None = No
         if b is not None:
             full = values[loc.bias]
             values[loc.bias] = torch.cat([full[:loc.bias_rows[0]], b, full[loc.bias_rows[1]:]]) if loc.bias_rows else b
-    return values
+    return values, amplification
 
 
-def reference_output(base: nn.Module, gm: nn.Module, x: torch.Tensor, chosen: set[str] | None = None) -> torch.Tensor:
-    """What gm should output on x: base run in float64 on the weights gm's active (or chosen) adapters make."""
-    values = adapted_weights(base, gm, chosen)
+def _dora_amplification(w: torch.Tensor, inputs: dict) -> float:
+    """How much DoRA's row normalisation m/‖V‖, V = W + s·B@A, magnifies float32 rounding where the
+    update all but cancels a row of W (its activation form adds W·x and s·B·A·x before normalising)."""
+    delta = inputs["scale"] * (inputs["lora_b"].flatten(1) @ inputs["lora_a"].flatten(1))
+    v = w.flatten(1) + delta
+    return float(((w.flatten(1).norm(dim=1) + delta.norm(dim=1)) / v.norm(dim=1).clamp_min(1e-30)).max())
+
+
+def reference_output(
+    base: nn.Module, gm: nn.Module, x: torch.Tensor, chosen: set[str] | None = None
+) -> tuple[torch.Tensor, float]:
+    """What gm should output on x: base run in float64 on the weights gm's active (or chosen) adapters
+    make; and by how much the adapters' own conditioning may magnify float32 rounding (>= 1)."""
+    values, amplification = adapted_weights(base, gm, chosen)
     x64 = x.double() if x.is_floating_point() else x
     with torch.no_grad():
-        return functional_call(base, values, (x64,))
+        return functional_call(base, values, (x64,)), amplification
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:

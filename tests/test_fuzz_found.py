@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fxtune
-from fxtune.passes import fuse, ia3, lora
+from fxtune.passes import dora, fuse, ia3, lora, sp_lora
 
 
 @pytest.mark.xfail(strict=True, reason="lora(dropout>0) adds an nn.Dropout in training mode to an eval-mode GraphModule")
@@ -77,3 +77,65 @@ def test_second_pissa_on_one_weight_keeps_the_output_or_is_refused():
         return  # refusing it with a clear error is a fix too
     # PiSSA moves s·B0@A0 out of W into the adapter: at init the output is the base model's, also twice over.
     assert torch.allclose(gm(x), model(x), atol=1e-5), "the second PiSSA adapter changed the output at init"
+
+
+def _scaled_linear_with_ia3(seed: int = 0):
+    """A Linear under an IA³ adapter with non-trivial scales: the adapter that comes first on the weight."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 4)).eval()
+    gm = ia3(fxtune.trace(model), adapter="first")
+    with torch.no_grad():
+        gm.fxtune.first._modules["0"].scale.uniform_(0.5, 2.0)
+    return model, gm, torch.randn(3, 6)
+
+
+@pytest.mark.xfail(strict=True, reason="PiSSA after another (non-additive) adapter on one weight changes the output at init")
+def test_pissa_after_another_adapter_keeps_the_output_or_is_refused():
+    _, gm, x = _scaled_linear_with_ia3()
+    before = gm(x)
+    try:
+        gm = lora(gm, r=2, init="pissa", adapter="p")
+    except fxtune.FxtuneError:
+        return  # refusing it with a clear error is a fix too
+    # fxtune computes ia3(W - s·B0@A0) + s·B0@A0, which is not ia3(W): PiSSA's residual is taken from the
+    # base weight, under the IA³ scales, while its A, B act after them.
+    assert torch.allclose(gm(x), before, atol=1e-5), "adding a PiSSA adapter changed the output at init"
+
+
+@pytest.mark.xfail(strict=True, reason="PiSSA on a merged weight: unmerge drops PiSSA's residual and changes the output")
+def test_unmerge_after_pissa_on_a_merged_weight_keeps_the_output():
+    _, gm, x = _scaled_linear_with_ia3()
+    gm = fxtune.merge(gm)
+    gm = lora(gm, r=2, init="pissa", adapter="p")
+    before = gm(x)
+    try:
+        gm = fxtune.unmerge(gm)
+    except fxtune.FxtuneError:
+        return  # refusing it with a clear error is a fix too
+    assert torch.allclose(gm(x), before, atol=1e-5), "unmerge changed the output"
+
+
+@pytest.mark.xfail(strict=True, reason="DoRA after another adapter on one weight changes the output at init (m = the base weight's norm)")
+def test_dora_after_another_adapter_keeps_the_output_at_init():
+    _, gm, x = _scaled_linear_with_ia3()
+    before = gm(x)
+    try:
+        gm = dora(gm, r=2, adapter="d")
+    except fxtune.FxtuneError:
+        return  # refusing it with a clear error is a fix too
+    # DoRA's magnitude m starts at the row norms of the base W, but it rescales V = ia3(W) + s·B@A:
+    # at init W' = ia3(W)·‖W‖/‖ia3(W)‖ per row, not ia3(W).
+    assert torch.allclose(gm(x), before, atol=1e-5), "adding a DoRA adapter changed the output at init"
+
+
+@pytest.mark.xfail(strict=True, reason="DoRA after an SP adapter that prunes an output channel gives NaN (0/0 row norm)")
+def test_dora_after_a_pruned_output_channel_gives_no_nan():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4)).eval()
+    x = torch.randn(3, 6)
+    gm = sp_lora(fxtune.trace(model), targets="0", r=2, masks={"0": {"out_mask": torch.tensor([True, False, True, True])}})
+    try:
+        gm = dora(gm, r=2, adapter="d")
+    except fxtune.FxtuneError:
+        return  # refusing it (as DoRA refuses all-zero rows of the base weight) is a fix too
+    assert torch.isfinite(gm(x)).all(), "the pruned channel's output is NaN"
