@@ -195,6 +195,11 @@ class Chain:
             self.base = other
         if what == "save_load":
             self.check_reload(arg, new)
+        slots = adapter_slots(self.gm)
+        inactive = {s.adapter for s in slots if not s.active}
+        if what == "merge" and not any(s.merged for s in slots) and not inactive & set(arg or ()):
+            again = fxtune.unmerge(new)(self.x)  # the kept weights come back: the same bits
+            assert torch.equal(again, self.out), f"unmerge right after {label} changed the output ({self.where()})"
         self.accept(label, new)
 
     def save_load(self, names: list[str]):

@@ -226,7 +226,7 @@ def _conv_blocks(d: _Drawer, dim: int, channels: int, sizes: tuple) -> int:
 def _linear_blocks(d: _Drawer, width: int, *, seq: bool) -> int:
     """0-3 blocks on a channels-last (B, [L,] C) activation; returns the width at the end."""
     draw = d.draw
-    kinds = ["lin", "flin", "vlin", "res", "cat", "twice", "conv1D"] + (["mha", "mha", "seqconv"] if seq else [])
+    kinds = ["lin", "flin", "vlin", "res", "cat", "twice", "conv1D"] + (["mha", "mha", "mha", "seqconv"] if seq else [])
     for _ in range(draw(st.integers(0 if seq else 1, 3))):
         block = draw(st.sampled_from(kinds))
         out = width if block in ("res", "twice") else draw(st.integers(1, 6))
@@ -270,7 +270,7 @@ def _linear_blocks(d: _Drawer, width: int, *, seq: bool) -> int:
 def networks(draw) -> NetSpec:
     """A tiny random network: conv trunks (1d/2d/3d), token or feature inputs, linear/attention blocks, a head."""
     d = _Drawer(draw)
-    domain = draw(st.sampled_from(["conv1d", "conv2d", "conv3d", "seq", "tokens", "vector"]))
+    domain = draw(st.sampled_from(["conv1d", "conv2d", "conv3d", "seq", "tokens", "tokens", "vector"]))
     if domain.startswith("conv"):
         dim = int(domain[4])
         sizes = tuple(draw(st.integers(3, {1: 9, 2: 7, 3: 4}[dim])) for _ in range(dim))
