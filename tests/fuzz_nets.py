@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-BATCH = 2
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 FUNCTIONAL_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -45,6 +44,8 @@ class NetSpec:
     """A drawn network: its input, modules, steps and tied weights (plain data, printable)."""
 
     input: tuple  # ("float", shape) or ("tokens", shape, vocab)
+    dtype: str = "float32"  # of the model's parameters and a float input
+    layout: str = "contiguous"  # or "channels_last" (conv2d/3d inputs and weights)
     modules: dict = field(default_factory=dict)  # name -> (type name, kwargs)
     steps: list = field(default_factory=list)
     ties: list = field(default_factory=list)  # (module, param) takes the Parameter of (module, param)
@@ -128,6 +129,9 @@ def build(spec: NetSpec, seed: int) -> Net:
                         getattr(m, name).normal_(0, 0.2)
                 if m.out_proj.bias is not None:
                     m.out_proj.bias.normal_(0, 0.2)
+    net = net.to(getattr(torch, spec.dtype))
+    if spec.layout == "channels_last":
+        net = net.to(memory_format=torch.channels_last if len(spec.input[1]) == 4 else torch.channels_last_3d)
     return net.eval()
 
 
@@ -135,7 +139,10 @@ def example_input(spec: NetSpec, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     if spec.input[0] == "tokens":
         return torch.randint(0, spec.input[2], spec.input[1], generator=g)
-    return torch.randn(spec.input[1], generator=g)
+    x = torch.randn(spec.input[1], generator=g, dtype=getattr(torch, spec.dtype))
+    if spec.layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
 
 
 def _divisors(n: int) -> list[int]:
@@ -196,8 +203,8 @@ class _Drawer:
         return kwargs, cout, out_sizes
 
 
-def _conv_blocks(d: _Drawer, dim: int, channels: int, sizes: tuple) -> int:
-    """1-3 conv blocks on a (B, C, *sizes) activation; returns the channels at the end."""
+def _conv_blocks(d: _Drawer, dim: int, channels: int, sizes: tuple, *, batched: bool) -> int:
+    """1-3 conv blocks on a ([B,] C, *sizes) activation; returns the channels at the end."""
     draw = d.draw
     for _ in range(draw(st.integers(1, 3))):
         block = draw(st.sampled_from(["conv", "conv", "fconv", "res", "cat", "twice"]))
@@ -208,12 +215,12 @@ def _conv_blocks(d: _Drawer, dim: int, channels: int, sizes: tuple) -> int:
         name = d.module("conv", CONVS[dim].__name__, **kwargs)
         if block in ("conv", "fconv"):
             d.spec.steps.append(("call", name) if block == "conv" else ("fconv", name, dim))
-            if block == "conv" and draw(st.booleans()):
+            if block == "conv" and batched and draw(st.booleans()):
                 d.spec.steps.append(("bn", d.module("bn", f"BatchNorm{dim}d", num_features=cout)))
         elif block == "cat":
             other = dict(kwargs, out_channels=kwargs["groups"] * draw(st.integers(1, max(1, 6 // kwargs["groups"]))),
                          bias=draw(st.booleans()))
-            d.spec.steps.append(("cat", name, d.module("conv", CONVS[dim].__name__, **other), 1))
+            d.spec.steps.append(("cat", name, d.module("conv", CONVS[dim].__name__, **other), -1 - dim))
             cout += other["out_channels"]
         else:
             d.spec.steps.append((block, name))
@@ -271,30 +278,37 @@ def networks(draw) -> NetSpec:
     """A tiny random network: conv trunks (1d/2d/3d), token or feature inputs, linear/attention blocks, a head."""
     d = _Drawer(draw)
     domain = draw(st.sampled_from(["conv1d", "conv2d", "conv3d", "seq", "tokens", "tokens", "vector"]))
+    d.spec.dtype = draw(st.sampled_from(["float32", "float32", "float32", "float64"]))
+    batch = draw(st.sampled_from([(1,), (2,), (2,), (3,)]))
     if domain.startswith("conv"):
         dim = int(domain[4])
         sizes = tuple(draw(st.integers(3, {1: 9, 2: 7, 3: 4}[dim])) for _ in range(dim))
         channels = draw(st.integers(1, 6))
-        d.spec.input = ("float", (BATCH, channels, *sizes))
-        channels = _conv_blocks(d, dim, channels, sizes)
-        d.spec.steps.append(("pool", tuple(range(2, 2 + dim))))
+        layout = draw(st.sampled_from(["contiguous", "contiguous", "unbatched"] + (["channels_last"] if dim > 1 else [])))
+        if layout == "unbatched":
+            batch = ()
+        else:
+            d.spec.layout = layout
+        d.spec.input = ("float", (*batch, channels, *sizes))
+        channels = _conv_blocks(d, dim, channels, sizes, batched=bool(batch))
+        d.spec.steps.append(("pool", tuple(range(-dim, 0))))
         width = _linear_blocks(d, channels, seq=False) if draw(st.booleans()) else channels
     elif domain == "vector":
         width = draw(st.integers(1, 6))
-        d.spec.input = ("float", (BATCH, width))
+        d.spec.input = ("float", (*batch, width))
         width = _linear_blocks(d, width, seq=False)
     else:
         length = draw(st.integers(2, 5))
         if domain == "tokens":
             vocab, dim = draw(st.integers(4, 10)), draw(st.integers(2, 6))
-            d.spec.input = ("tokens", (BATCH, length), vocab)
+            d.spec.input = ("tokens", (*batch, length), vocab)
             padding_idx = draw(st.sampled_from([None, None, 0, vocab - 1]))
             emb = d.module("emb", "Embedding", num_embeddings=vocab, embedding_dim=dim, padding_idx=padding_idx)
             d.spec.steps.append(("emb", emb))
             width = dim
         else:
             width = draw(st.integers(2, 6))
-            d.spec.input = ("float", (BATCH, length, width))
+            d.spec.input = ("float", (*batch, length, width))
         width = _linear_blocks(d, width, seq=True)
         if domain == "tokens" and draw(st.booleans()):  # an LM head tied to the embedding
             if width != dim:
