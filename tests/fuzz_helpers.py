@@ -181,7 +181,7 @@ class Chain:
             other = build(self.spec, self.seed + 7919)
             label, run = "swap_base(<same network, other init>)", lambda g: fxtune.swap_base(g, other)
         elif what == "save_load":
-            label, run = f"save_adapters -> load_adapters({arg})", self.save_load(arg)
+            label, run = f"save_adapters(format={arg[1]!r}) -> load_adapters({arg[0]})", self.save_load(*arg)
         else:
             label, run = {
                 "merge": (f"merge({arg})", lambda g: fxtune.merge(g, arg)),
@@ -201,7 +201,7 @@ class Chain:
             self.snapshots["the swapped-in model"] = snapshot(other)
             self.base = other
         if what == "save_load":
-            self.check_reload(arg, new)
+            self.check_reload(*arg, new)
         slots = adapter_slots(self.gm)
         inactive = {s.adapter for s in slots if not s.active}
         if what == "merge" and not any(s.merged for s in slots) and not inactive & set(arg or ()):
@@ -209,30 +209,30 @@ class Chain:
             assert torch.equal(again, self.out), f"unmerge right after {label} changed the output ({self.where()})"
         self.accept(label, new)
 
-    def save_load(self, names: list[str]):
+    def save_load(self, names: list[str], format: str):
         """A call saving the named adapters and loading them (in order) onto a fresh trace of the same base."""
         active = {s.adapter for s in adapter_slots(self.gm) if s.active}
 
         def run(gm: fx.GraphModule) -> fx.GraphModule:
             with tempfile.TemporaryDirectory() as tmp:
                 for name in names:
-                    fxtune.save_adapters(gm, os.path.join(tmp, name), adapter=name)
+                    fxtune.save_adapters(gm, os.path.join(tmp, name), adapter=name, format=format)
                 fresh = self.structural if self.structural is not None else fxtune.trace(self.base)
                 for name in names:
-                    fresh = fxtune.load_adapters(fresh, os.path.join(tmp, name))
+                    fresh = fxtune.load_adapters(fresh, os.path.join(tmp, name), adapter=name)
             if any(n not in active for n in names):
                 fresh = fxtune.set_active(fresh, [n for n in names if n in active])
             return fresh
 
         return run
 
-    def check_reload(self, names: list[str], new: fx.GraphModule) -> None:
-        """Reloading every adapter reproduces the outputs (bit-exactly when nothing was merged)."""
+    def check_reload(self, names: list[str], format: str, new: fx.GraphModule) -> None:
+        """Reloading every adapter reproduces the outputs (bit-exactly in fxtune's format when nothing was merged)."""
         slots = adapter_slots(self.gm)
         if names != list(adapter_kinds(self.gm)) or not self._order_kept(slots, names):
             return
         y = new(self.x)
-        if not any(s.merged for s in slots):
+        if not any(s.merged for s in slots) and format == "fxtune":
             assert torch.equal(y, self.out), f"reloaded adapters {names} give other outputs ({self.where()})"
         err = relative_error(y, self.out)
         amplification = reference_output(self.base, self.gm, self.x)[1]
@@ -249,6 +249,12 @@ class Chain:
 
     def fuse_check(self, names) -> fx.GraphModule | None:
         """fuse(gm[, names]) matches the unfused output (and the reference) and gives the traced code."""
+        if names is not None:
+            # Known bug (test_fuzz_found.py::test_fuse_dropping_a_pissa_adapter_after_a_merge_restores_its_base).
+            slots = adapter_slots(self.gm)
+            merged = {s.target for s in slots if s.merged}
+            assume(not any(s.kind == "lora" and s.config.get("init") == "pissa" and s.adapter not in names
+                           and s.target in merged for s in slots))
         fused = self.attempt(f"fuse({names})", lambda g: passes.fuse(g, names))
         if fused is None:
             return None

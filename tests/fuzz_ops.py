@@ -62,6 +62,17 @@ def draw_targets(data, gm: fx.GraphModule):
     return data.draw(st.sampled_from(present or GLOBS), label="glob")
 
 
+def draw_exclude(data, gm: fx.GraphModule):
+    """Mostly None; sometimes whole weights by name, or a glob."""
+    how = data.draw(st.sampled_from(["none", "none", "none", "none", "weights", "glob"]), label="exclude by")
+    if how == "none":
+        return None
+    names, by_target = _site_names(gm)
+    if how == "weights":
+        return by_target[data.draw(st.sampled_from(sorted(by_target)), label="exclude weight")]
+    return data.draw(st.sampled_from([g for g in GLOBS if g != "*"]), label="exclude glob")
+
+
 def adapter_kinds(gm: nn.Module) -> dict[str, str]:
     """{adapter name: its kind} (a train_module joining another kind's adapter does not count)."""
     found: dict[str, str] = {}
@@ -118,12 +129,31 @@ def _masks(data, block=None):
     return None
 
 
+class _rank_by_site:
+    """r as a callable Site -> int (printable): smaller on convs."""
+
+    def __init__(self, r: int):
+        self.r = r
+
+    def __call__(self, site: fxtune.Site) -> int:
+        return max(1, self.r - 1) if site.is_conv else self.r
+
+    def __repr__(self) -> str:
+        return f"<r={self.r}, convs {max(1, self.r - 1)}>"
+
+
 def _options(data, gm: fx.GraphModule, kind: str, targets) -> dict:
     """Random settings for one adapter pass."""
     d = data.draw
     r = st.integers(1, 4)
     if kind == "lora":
-        return dict(r=d(r, label="r"), alpha=d(st.sampled_from([None, 1, 2.5, 8]), label="alpha"),
+        per_site = d(st.sampled_from([None, None, "glob", "callable"]), label="per-site r")
+        rank = d(r, label="r")
+        if per_site == "glob":  # first matching glob wins, other sites take the default 8 (refused where too large)
+            rank = {d(st.sampled_from(GLOBS), label="r glob"): rank, "*": d(st.integers(1, 3), label="r other")}
+        elif per_site == "callable":
+            rank = _rank_by_site(rank)
+        return dict(r=rank, alpha=d(st.sampled_from([None, 1, 2.5, 8]), label="alpha"),
                     rslora=d(st.booleans(), label="rslora"),
                     init=d(st.sampled_from(["default", "gaussian", "pissa"]), label="init"),
                     form=d(st.sampled_from(["auto", "weight", "activation"]), label="form"),
@@ -162,13 +192,14 @@ def draw_adapter_pass(data, gm: fx.GraphModule) -> Op:
     kind = data.draw(st.sampled_from(ADAPTER_KINDS), label="kind")
     name = _adapter_name(data, gm, kind)
     targets = draw_targets(data, gm)
+    exclude = draw_exclude(data, gm)
     options = _options(data, gm, kind, targets)
     shown = {k: ("<masks>" if k == "masks" and v is not None else v) for k, v in options.items()}
-    label = f"{kind}(targets={getattr(targets, '__name__', targets)!r}, adapter={name!r}, {shown})"
+    label = f"{kind}(targets={getattr(targets, '__name__', targets)!r}, exclude={exclude!r}, adapter={name!r}, {shown})"
     fn = PASSES[kind]
 
     def run(g: fx.GraphModule) -> fx.GraphModule:
-        return fn(g, targets, adapter=name, **options)
+        return fn(g, targets, adapter=name, exclude=exclude, **options)
 
     return Op(label, "adapter", run, kind, options)
 
@@ -192,7 +223,8 @@ def draw_lifecycle(data, gm: fx.GraphModule, *, can_swap: bool) -> tuple[str, ob
     if what == "delete":
         return what, data.draw(st.sampled_from(names), label="delete")
     if what == "save_load":
-        return what, names if data.draw(st.booleans(), label="save all") else _subset(data, names, "save names", 1)
+        chosen = names if data.draw(st.booleans(), label="save all") else _subset(data, names, "save names", 1)
+        return what, (chosen, data.draw(st.sampled_from(["fxtune", "fxtune", "peft"]), label="format"))
     if what == "fuse_check":
         return what, None if data.draw(st.booleans(), label="fuse all") else _subset(data, names, "fuse names")
     return what, None
