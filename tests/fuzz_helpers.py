@@ -179,6 +179,8 @@ class Chain:
             return
         if what == "swap_base":
             other = build(self.spec, self.seed + 7919)
+            self.models["the swapped-in model"] = other
+            self.snapshots["the swapped-in model"] = snapshot(other)
             label, run = "swap_base(<same network, other init>)", lambda g: fxtune.swap_base(g, other)
         elif what == "save_load":
             label, run = f"save_adapters(format={arg[1]!r}) -> load_adapters({arg[0]})", self.save_load(*arg)
@@ -197,8 +199,6 @@ class Chain:
         if new is None:
             return
         if what == "swap_base":
-            self.models["the swapped-in model"] = other
-            self.snapshots["the swapped-in model"] = snapshot(other)
             self.base = other
         if what == "save_load":
             self.check_reload(*arg, new)
