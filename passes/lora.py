@@ -33,11 +33,11 @@ def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.
     return em.pointwise_add(y, down, inputs["lora_b"], scale=inputs["scale"], groups=groups, role="lora")
 
 
-def _restore(site: fxtune.Site, weight: torch.Tensor, config: dict, tensors: dict) -> dict:
-    """A reloaded adapter's dropout module and, for PiSSA, its residual base weight."""
+def _restore(site: fxtune.Site, weight: torch.Tensor, config: dict, tensors: dict, *, base: torch.Tensor) -> dict:
+    """A reloaded adapter's dropout module and, for PiSSA, its residual base weight (from the base, as made)."""
     return {
         "modules": {"dropout": nn.Dropout(config["dropout"])} if config["dropout"] > 0 else None,
-        "base_weight": pissa_residual(weight, tensors["pissa_a0"], tensors["pissa_b0"], config["scale"])
+        "base_weight": pissa_residual(base, tensors["pissa_a0"], tensors["pissa_b0"], config["scale"])
         if config["init"] == "pissa" else None,
     }
 

@@ -239,8 +239,6 @@ def _linear_blocks(d: _Drawer, width: int, *, seq: bool) -> int:
         out = width if block in ("res", "twice") else draw(st.integers(1, 6))
         bias = draw(st.booleans())
         if block in ("lin", "flin", "vlin"):
-            if block == "vlin":  # known bug: test_fuzz_found.py::test_value_site_bias_is_adapted_before_fusing_too
-                bias = False
             name = d.module("lin", "Linear", in_features=width, out_features=out, bias=bias)
             d.spec.steps.append(("call", name) if block == "lin" else (block, name))
         elif block in ("res", "twice"):

@@ -153,7 +153,7 @@ def _tokens(batch, length=7, seed=1):
 def _bert_gm():
     """A tiny BERT through the export front end (its graph calls torch.export's `_guards_fn`), with LoRA."""
     ids, mask = _tokens(2)
-    gm = fxtune.trace(_bert(), frontend="export", example_inputs=(ids,), example_kwargs={"attention_mask": mask})
+    gm = fxtune.trace(_bert(), frontend="export", example_inputs=(ids,), example_kwargs={"attention_mask": mask}, dynamic="batch")
     return _random_adapters(lora(gm, targets=re.compile(r".*\.(query|value)"), r=4)), ids, mask
 
 

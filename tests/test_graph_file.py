@@ -256,7 +256,7 @@ def test_export_guards_survive_as_a_graph(tmp_path):
         def forward(self, x):
             return self.fc(x) * 2 if x.shape[0] > 2 else self.fc(x)
 
-    gm = fxtune.trace(Branchy(), frontend="export", example_inputs=(torch.randn(5, 4),))
+    gm = fxtune.trace(Branchy(), frontend="export", example_inputs=(torch.randn(5, 4),), dynamic="batch")
     loaded = round_trip(gm, tmp_path)
     assert_same_graph_module(loaded, gm, torch.randn(3, 4))
     for g in (gm, loaded):

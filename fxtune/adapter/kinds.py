@@ -26,9 +26,11 @@ class AdapterKind:
     activation_input(emit, x, inputs) optional, for kinds acting on the input side (W' = W·diag(s)):
                                      returns a new input that the call and all inner adapters read
     activation_blocker(site, config) optional, returns why a site cannot take the activation form
-    restore(site, weight, config, tensors) optional, what re-creating a saved adapter needs beyond its
+    restore(site, weight, config, tensors[, base]) optional, what re-creating a saved adapter needs beyond its
                                      saved tensors: {"buffers": derived tensors (not saved), "modules":
-                                     submodules, "base_weight": a replacement base weight}; all optional
+                                     submodules, "base_weight": a replacement base weight}; all optional.
+                                     `weight` is the weight as it reaches the adapter (the adapters loaded before
+                                     it applied); a restore declaring `base` also gets the base weight itself
     activation_reads_weight          True if the activation form reads the site's own weight/bias (e.g. a
                                      norm of W): it is then used only while the adapter acts first on its
                                      site, and the weight form otherwise

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..adapter.kinds import get_kind, registered_kinds
+from ..adapter.kinds import registered_kinds
 from ..adapter.slots import AdapterSlot, all_slots, require_adapters
 from ..errors import AdapterError
 from ..graph.discovery import site_table
@@ -38,6 +38,13 @@ def _mask_for(slot: AdapterSlot, name: str) -> torch.Tensor | None:
     return None if mask is None else torch.broadcast_to(mask.bool(), slot._parameters[name].shape)
 
 
+def _trainable(slot: AdapterSlot, name: str, value: torch.Tensor) -> bool:
+    """Whether a parameter trains: a merged adapter's are frozen while merged, saved as they were before."""
+    if slot.merged:
+        return bool(slot.trainable_before_merge.get(name, True))
+    return bool(value.requires_grad)
+
+
 def _slot_record(slot: AdapterSlot, tensors: dict[str, torch.Tensor], weight_shape: tuple, seen: dict) -> dict:
     entries = {}
     saved = {k: v for k, v in slot._buffers.items() if v is not None and k not in slot._non_persistent_buffers_set}
@@ -52,7 +59,7 @@ def _slot_record(slot: AdapterSlot, tensors: dict[str, torch.Tensor], weight_sha
             "shape": list(value.shape),
             "dtype": str(value.dtype).removeprefix("torch."),
             "role": "parameter" if is_param else "buffer",
-            "trainable": bool(value.requires_grad) if is_param else False,
+            "trainable": _trainable(slot, name, value) if is_param else False,
             "masked_by": f"{name}_mask" if mask is not None else None,
         }
     return {
@@ -208,18 +215,16 @@ def apply_adapter_state(
         rw = Rewrite(gm, kind=kind, adapter=name)
         created: dict[str, torch.nn.Parameter] = {}
         for rec in records:
-            _recreate(rw, rw.site(rec["target"]), rec, _unpack(rec, tensors), created, source)
+            _recreate(rw, rec, _unpack(rec, tensors), created, source)
         gm = rw.finish()
     return gm
 
 
-def _recreate(rw: Rewrite, site: Any, rec: dict, tensors: dict[str, torch.Tensor], created: dict, source: str) -> None:
+def _recreate(rw: Rewrite, rec: dict, tensors: dict[str, torch.Tensor], created: dict, source: str) -> None:
     """One slot from its record, its tensors in the weight's dtype; parameters saved as one shared
     tensor become one Parameter again."""
-    kind = get_kind(rec["kind"])
-    weight = rw.entering_weight(rec["target"])  # what kinds derive their tensors from, as when created
-    tensors = cast_like(tensors, weight, f"'{rec['target']}' of {source}")
-    extra = (kind.restore(site, weight, rec["config"], tensors) if kind.restore else None) or {}
+    tensors = cast_like(tensors, rw.weight(rec["target"]), f"'{rec['target']}' of {source}")
+    extra = rw.restored(rec["target"], rec["config"], tensors)
     if extra.get("base_weight") is not None:
         rw.replace_base_weight(rec["target"], extra["base_weight"])
     params = {k: v for k, v in tensors.items() if rec["tensors"][k]["role"] == "parameter"}

@@ -196,12 +196,12 @@ def load_peft(gm: fx.GraphModule, path: str, adapter: str | None = None, *, form
         raise AdapterError(f"cannot load the PEFT adapter in {path!r} onto this model:\n  " + "\n  ".join(problems))
     rw = Rewrite(gm, kind=kind.name, adapter=adapter or "default")
     for target, arguments in plan.items():
-        weight, site = rw.weight(target), rw.site(target)
+        weight = rw.weight(target)
         where = f"'{target}' in {path!r}"
         params = cast_like(arguments.get("params") or {}, weight, where)
         buffers = cast_like(arguments.get("buffers") or {}, weight, where)
         settings = arguments.get("config") or {}
-        extra = (kind.restore(site, weight, settings, {**params, **buffers}) if kind.restore else None) or {}
+        extra = rw.restored(target, settings, {**params, **buffers})
         if extra.get("base_weight") is not None:
             rw.replace_base_weight(target, extra["base_weight"])
         blocked = kind.weight_blocker(settings) if kind.weight_blocker else None

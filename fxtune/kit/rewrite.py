@@ -10,6 +10,7 @@ A pass reads like this (its own code stays about the technique):
 
 from __future__ import annotations
 
+import inspect
 import keyword
 from typing import Any
 
@@ -71,6 +72,18 @@ class Rewrite(WorkingCopy):
     def entering_weight(self, weight_name: str) -> torch.Tensor:
         """The weight part of `entering`."""
         return self.entering(weight_name)[0]
+
+    def restored(self, weight_name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict:
+        """What re-creating a saved adapter of this kind on a weight needs beyond its tensors: the kind's
+        `restore(site, weight, config, tensors)` with the weight as it reaches the adapter, and `base=` the
+        base weight itself when the restore declares it (a kind that replaced the base, as PiSSA, derives from it)."""
+        restore = self.kind.restore
+        if restore is None:
+            return {}
+        site, weight = self.site(weight_name), self.entering_weight(weight_name)
+        if "base" in inspect.signature(restore).parameters:
+            return restore(site, weight, config, tensors, base=self.weight(weight_name)) or {}
+        return restore(site, weight, config, tensors) or {}
 
     def replace_base_weight(self, weight_name: str, weight: torch.Tensor) -> None:
         """Gives the GraphModule's own copy of a weight a new (frozen) canonical value; the model's stays.
