@@ -96,10 +96,11 @@ def _lora_weights(model: nn.Module, gm: nn.Module, scale: float) -> dict[str, to
     for target, slot in gm.fxtune.default.named_children():
         path = next(s.target for s in fxtune.sites(gm) if s.target.replace(".", "_") == target)
         weight = model.get_submodule(path).weight.detach()
-        delta = scale * (slot.lora_b.flatten(1) @ slot.lora_a.flatten(1))
-        if isinstance(model.get_submodule(path), nn.Embedding):  # adapters see a table transposed
-            delta = delta.t()
-        out[f"{path}.weight"] = weight + delta.view(weight.shape)
+        b, a = slot.lora_b.flatten(1), slot.lora_a.flatten(1)
+        if isinstance(model.get_submodule(path), nn.Embedding):  # adapters see a table transposed: (W.t() + s·B@A).t()
+            out[f"{path}.weight"] = torch.addmm(weight.t(), b, a, alpha=scale).t()
+        else:  # W + s·B@A in one fused multiply-add, as exactly as fxtune computes it (bitwise-equal outputs)
+            out[f"{path}.weight"] = torch.addmm(weight.reshape(weight.shape[0], -1), b, a, alpha=scale).view(weight.shape)
     return out
 
 
