@@ -14,9 +14,11 @@ from .adapter.batched import batched
 from .adapter.distributed import data_parallel
 from .adapter.hotswap import hotswap, live_source, prepare_hotswap
 from .adapter.emitter import Emitter
-from .adapter.fusion import fold
 from .adapter.kinds import AdapterKind, get_kind, register_kind, registered_kinds
-from .adapter.lifecycle import AdapterInfo, adapters, delete_adapter, merge, set_active, unload, unmerge
+from .adapter import fusion as _fusion
+from .adapter import lifecycle as _lifecycle
+from .adapter.lifecycle import AdapterInfo
+from .adapter.parted import by_adapter, parted_adapters
 from .adapter.slots import AdapterSlot
 from .compose.pipeline import Pipeline
 from .compose.registry import get_pass, pass_names, register_pass
@@ -26,7 +28,9 @@ from .errors import (
 )
 from .frontends.trace import trace
 from .graph.coverage import Coverage
-from .graph.selection import Selector, sites
+from .graph import selection as _selection
+from .graph.parts import is_parted, parted_sites
+from .graph.selection import Selector
 from .graph.sites import Site
 from .inspection import coverage, diff, summary, trainable_parameters
 from .io.adapter_files import load_adapters, save_adapters
@@ -36,6 +40,24 @@ from .io.peft_format import PeftFormat, PeftModule
 from .io.swap_base import swap_base
 from .kit import MaskSpec, Restructure, Rewrite, channel_groups, channel_masks, per_site, weight_mask
 from .version import __version__
+
+
+# The functions of a GraphModule below also take a model traced in parts (fxtune.trace(model, parts=[...])).
+adapters = parted_adapters
+set_active = by_adapter(_lifecycle.set_active, absent="empty")
+delete_adapter = by_adapter(_lifecycle.delete_adapter, absent="keep")
+merge = by_adapter(_lifecycle.merge, absent="keep")
+unmerge = by_adapter(_lifecycle.unmerge, absent="keep")
+unload = by_adapter(_lifecycle.unload, absent="keep")
+fold = by_adapter(_fusion.fold, absent="empty")
+
+
+def sites(gm, targets: Selector = None, *, exclude: Selector = None) -> list[Site]:
+    """The call sites of gm chosen by `targets` minus `exclude`, in graph order (a model traced in parts:
+    every part's). An empty choice, or an exact name that is not a site, is a SelectionError listing the sites."""
+    if is_parted(gm):
+        return parted_sites(gm, targets, exclude=exclude)
+    return _selection.sites(gm, targets, exclude=exclude)
 
 
 __all__ = [

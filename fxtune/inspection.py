@@ -13,6 +13,7 @@ from .frontends.trace import trace
 from .graph.coverage import Coverage, coverage_of
 from .graph.discovery import discover_sites
 from .graph.ownership import NAMESPACE, trainable_names
+from .graph.parts import gathered, is_parted, parts_of
 from .graph.sites import join
 
 
@@ -25,6 +26,8 @@ def coverage(model: nn.Module, gm: fx.GraphModule | None = None) -> Coverage:
 def trainable_parameters(gm: nn.Module) -> list[nn.Parameter]:
     """The parameters an optimizer should update: the adapters' (and modules trained with them),
     and those a structural pass made trainable (e.g. low-rank factors), if still requiring grad."""
+    if is_parted(gm):
+        return gathered(gm, trainable_parameters)
     listed = set(trainable_names(gm))
     return [p for name, p in gm.named_parameters() if p.requires_grad and (name.startswith(NAMESPACE + ".") or name in listed)]
 
@@ -82,15 +85,17 @@ def masked_entries(gm: nn.Module, *, trainable_only: bool = False) -> int:
 
 
 def summary(gm: fx.GraphModule) -> str:
-    """A table of call sites with their adapters, and a totals line with the trainable share."""
-    rows = summary_rows(gm)
+    """A table of call sites with their adapters, and a totals line with the trainable share (for a model
+    traced in parts, the sites of every part)."""
+    rows = gathered(gm, summary_rows) if is_parted(gm) else summary_rows(gm)
     table = tabulate(
         [[r["site"], r["module"], r["weight"], r["adapters"] or "-", f"{r['params']:,}", f"{r['trainable']:,}"] for r in rows],
         headers=["site", "module", "weight", "adapters", "params", "trainable"],
         colalign=("left", "left", "left", "left", "right", "right"),
     )
-    total = sum(p.numel() for p in gm.parameters()) - masked_entries(gm)
-    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad) - masked_entries(gm, trainable_only=True)
+    graphs = [part for _, part in parts_of(gm)] if is_parted(gm) else [gm]
+    total = sum(p.numel() for p in gm.parameters()) - sum(masked_entries(g) for g in graphs)
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad) - sum(masked_entries(g, trainable_only=True) for g in graphs)
     adapted = sum(1 for r in rows if r["adapted"])
     share = 100.0 * trainable / total if total else 0.0
     return (

@@ -9,7 +9,7 @@ from torch import fx
 import fxtune
 
 
-@fxtune.register_pass
+@fxtune.register_pass(parts="whole")  # fxtune.fold handles models traced in parts itself
 def fuse(gm: fx.GraphModule, adapters: Iterable[str] | str | None = None) -> fx.GraphModule:
     """A new GraphModule with the active (or the named) adapters folded in and every adapter gone."""
     return fxtune.fold(gm, adapters)

@@ -12,6 +12,7 @@ from torch import fx
 
 from ..adapter.slots import slots_by_weight
 from ..graph.discovery import discover_sites
+from ..graph.parts import is_parted, parts_of
 from ..graph.weights import Weights
 from .registry import pass_label
 
@@ -30,16 +31,17 @@ class PassRecord:
 def _fingerprint(gm: fx.GraphModule) -> dict[str, tuple]:
     """Per site: its adapters and the identity of its weight, to tell which sites a pass changed."""
     out = {}
-    store, by_weight = Weights(gm), slots_by_weight(gm, active_only=False)
-    for site in discover_sites(gm):
-        slots = by_weight.get(site.weight_name, [])
-        weight = store.tensor(site.use_ref.path)
-        out[site.name] = (
-            tuple((s.adapter, s.kind, s.active, s.order) for s in slots),
-            weight.data_ptr(),
-            tuple(weight.shape),
-            type(site.module),
-        )
+    for graph in [part for _, part in parts_of(gm)] if is_parted(gm) else [gm]:
+        store, by_weight = Weights(graph), slots_by_weight(graph, active_only=False)
+        for site in discover_sites(graph):
+            slots = by_weight.get(site.weight_name, [])
+            weight = store.tensor(site.use_ref.path)
+            out[site.name] = (
+                tuple((s.adapter, s.kind, s.active, s.order) for s in slots),
+                weight.data_ptr(),
+                tuple(weight.shape),
+                type(site.module),
+            )
     return out
 
 

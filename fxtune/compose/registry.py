@@ -13,32 +13,45 @@ import inspect
 from typing import Callable
 
 from ..errors import FxtuneError
+from ..graph.parts import each_part
 
 _PASSES: dict[str, Callable] = {}
 _BUILTIN = "fxtune.passes"
 
 
-def register_pass(fn: Callable | None = None, name: str | None = None, *, replace: bool = False):
-    """Makes `fn` (a function taking a GraphModule first) nameable as `name` (default: its __name__).
+def register_pass(fn: Callable | None = None, name: str | None = None, *, replace: bool = False, parts: str = "each"):
+    """Makes `fn` (a function taking a GraphModule first) nameable as `name` (default: its __name__), and
+    usable on models traced in parts (`fxtune.trace(model, parts=[...])`).
 
     Usable as `register_pass(fn)`, `@register_pass` or `@register_pass(name="...")`. A name taken by
-    another function is an FxtuneError unless replace=True. Returns `fn`.
+    another function is an FxtuneError unless replace=True. Returns the function to use: `fn` itself
+    for GraphModules; on a parted model it runs on every part its `targets=`/`exclude=` reach
+    (parts="each"), or gets the model whole (parts="whole": it handles parts itself, e.g. by calling
+    fxtune's own functions).
     """
     if fn is None:
-        return lambda f: register_pass(f, name, replace=replace)
+        return lambda f: register_pass(f, name, replace=replace, parts=parts)
+    if parts not in ("each", "whole"):
+        raise FxtuneError(f"parts= must be 'each' or 'whole', got {parts!r}")
     if not callable(fn):
         raise FxtuneError(f"register_pass expects a function GraphModule -> GraphModule, got {type(fn).__name__}")
     name = name or getattr(fn, "__name__", None)
     if not isinstance(name, str) or not name.isidentifier():
         raise FxtuneError(f"a pass needs an identifier as its name (name='my_pass'), got {name!r}")
     old = _PASSES.get(name)
-    if old is not None and old is not fn and not replace and _origin(old) != _origin(fn):
+    if old is not None and _original(old) is not fn and not replace and _origin(old) != _origin(fn):
         raise FxtuneError(f"pass name '{name}' is taken by {_origin(old)}; choose another name, or pass replace=True")
-    _PASSES[name] = fn
-    return fn
+    usable = fn if parts == "whole" or getattr(fn, "handles_parts", False) else each_part(fn)
+    _PASSES[name] = usable
+    return usable
+
+
+def _original(fn: Callable) -> Callable:
+    return getattr(fn, "__wrapped_for_parts__", fn)
 
 
 def _origin(fn: Callable) -> str:
+    fn = _original(fn)
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
@@ -65,7 +78,7 @@ def get_pass(name: str) -> Callable:
 def name_of(fn: Callable) -> str | None:
     """The registered name of a pass function, or None."""
     _load_builtin()
-    return next((name for name, f in _PASSES.items() if f is fn), None)
+    return next((name for name, f in _PASSES.items() if f is fn or _original(f) is fn), None)
 
 
 def pass_label(step: Callable) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 from torch import fx, nn
 
 from ..errors import AdapterError, FxtuneError, SelectionError
+from ..graph.parts import is_parted, parted_sites
 from ..graph.selection import Selector, listing, matches, show, sites
 from .registry import get_pass, name_of, pass_names
 
@@ -166,7 +167,7 @@ class Strategy:
 
     def plan(self, gm: fx.GraphModule) -> list[list[str]]:
         """The site names each rule wins on gm (first match wins; a later rule never sees a taken site)."""
-        found = sites(gm)
+        found = parted_sites(gm) if is_parted(gm) else sites(gm)
         names = {s.name for s in found}
         won, taken = [], set()
         for rule in self.rules:

@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from ..errors import TraceError, warn
 from .dynamic_shapes import Dynamic, check_dynamic
+from .parts import trace_parts
 from .record import FRONTEND, TRACE_RECORD
 from .symbolic import split_leaf_modules, symbolic_trace
 from .torch_export import export_trace
@@ -29,6 +30,7 @@ def trace(
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     dynamic: Dynamic = None,
+    parts: Iterable[str] | None = None,
 ) -> fx.GraphModule:
     """Trace `model` into a GraphModule that computes what it computes and never mutates it.
 
@@ -44,7 +46,19 @@ def trace(
     had, and the examples' shapes unless `dynamic=` frees some ("batch", or a dict such as
     {"input_ids": {0: "batch", 1: "seq"}}). frontend="auto" tries "fx", then "export" when given
     example inputs. `gm.meta["fxtune_frontend"]` says which one traced it.
+
+    parts=["backbone", "rpn.head"] traces only those submodules (for models whose whole forward does
+    not trace, such as detectors) and returns fxtune's copy of the model with them as GraphModules;
+    every pass, fuse and the adapter files work on it, naming sites by their path in the model.
+    With example inputs the model runs once to record each part's inputs (for the export route).
     """
+    if parts is not None:
+        if isinstance(parts, str):
+            parts = [parts]
+        if not isinstance(model, nn.Module):
+            raise TraceError(f"fxtune.trace expects an nn.Module, got {type(model).__name__}")
+        return trace_parts(model, list(parts), trace, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                           frontend=frontend, leaf_modules=leaf_modules, concrete_args=concrete_args, dynamic=dynamic)
     if frontend not in FRONTENDS:
         raise TraceError(
             f"frontend={frontend!r} is not a front end; use 'auto' (symbolic tracing, then torch.export), "

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from .signatures import FUNCTIONS, bind
-from .sites import Geometry, Site, SiteTable, WeightRef, join
+from .sites import PART, Geometry, Site, SiteTable, WeightRef, join
 from .traced_calls import BASE_META, TAG, original_call
 
 SITE_LAYERS: dict[type, str] = {
@@ -250,7 +250,9 @@ def _uses(gm: fx.GraphModule) -> list[_Use]:
 
 
 def discover_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every call site of gm in graph order, including ones fxtune has already rewritten."""
+    """Every call site of gm in graph order, including ones fxtune has already rewritten. In a part of a
+    model traced in parts, names are paths in the whole model (`backbone.body.conv1`); references stay gm's."""
+    prefix = gm.meta.get(PART, "") + "." if isinstance(getattr(gm, "meta", None), dict) and gm.meta.get(PART) else ""
     uses = _uses(gm)
     groups: dict[tuple, list[_Use]] = {}
     for use in uses:
@@ -258,17 +260,18 @@ def discover_sites(gm: fx.GraphModule) -> list[Site]:
     canonical: dict[tuple, tuple[str, WeightRef]] = {}
     for key, group in groups.items():
         keep = sorted({u.geometry.padding_idx for u in group if u.layer == "embedding" and u.geometry.padding_idx is not None})
-        canonical[key] = (group[0].natural, replace(group[0].ref, keep=tuple(keep)))
+        canonical[key] = (prefix + group[0].natural, replace(group[0].ref, keep=tuple(keep)))
     found, calls = [], {}
     for use in uses:
         weight_name, weight_ref = canonical[(id(use.tensor), use.ref.rows)]
         count = calls.get(use.natural, 0)
         calls[use.natural] = count + 1
         found.append(Site(
-            name=use.natural if count == 0 else f"{use.natural}@{count}", weight_name=weight_name, node=use.node,
+            name=prefix + (use.natural if count == 0 else f"{use.natural}@{count}"), weight_name=weight_name, node=use.node,
             module=use.module, layer=use.layer, weight_ref=weight_ref, use_ref=use.ref, call=use.call,
             shape=use.ref.canonical_shape(use.tensor.shape), geometry=use.geometry, has_bias=use.has_bias,
-            caller=use.caller, caller_path=use.caller_path, label=use.label, device=use.tensor.device,
+            caller=use.caller, caller_path=prefix + use.caller_path if use.caller_path else "", label=use.label,
+            device=use.tensor.device,
         ))
     return found
 

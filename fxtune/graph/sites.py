@@ -28,6 +28,8 @@ from torch import fx, nn
 from ..errors import FxtuneError
 from .signatures import call_arguments
 
+PART = "fxtune_part"  # gm.meta of a GraphModule traced as a part of a model: its path there, which prefixes its sites' names
+
 
 def join(owner: str, name: str) -> str:
     """A dotted path: `owner.name`, or `name` at the root."""

@@ -15,12 +15,13 @@ import os
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..adapter.kinds import registered_kinds
 from ..adapter.slots import AdapterSlot, all_slots, require_adapters
 from ..errors import AdapterError
 from ..graph.discovery import site_table
+from ..graph.parts import is_parted, parts_of, with_parts
 from ..kit.rewrite import Rewrite
 from ..version import __version__
 from .adapter_schema import FORMAT, FORMAT_VERSION, schema_problems
@@ -74,13 +75,19 @@ def _slot_record(slot: AdapterSlot, tensors: dict[str, torch.Tensor], weight_sha
 
 
 def adapter_state(gm: fx.GraphModule, adapter: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One adapter of gm as data: a JSON-able description and its tensors (masked entries left out)."""
-    require_adapters(gm, adapter)
-    slots = [s for s in all_slots(gm) if s.adapter == adapter]
+    """One adapter of gm (or of every part of a model traced in parts) as data: a JSON-able description
+    and its tensors (masked entries left out). Targets are the weights' names in the whole model."""
+    graphs = [part for _, part in parts_of(gm)] if is_parted(gm) else [gm]
+    if not any(s.adapter == adapter for g in graphs for s in all_slots(g)):
+        names = sorted({s.adapter for g in graphs for s in all_slots(g)})
+        raise AdapterError(f"no adapter named '{adapter}'; this model has {names or 'none'}")
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    table = site_table(gm)
-    records = [_slot_record(s, tensors, table.first(s.weight_name, error=AdapterError).shape, seen) for s in slots]
+    records = []
+    for g in graphs:
+        table = site_table(g)
+        records += [_slot_record(s, tensors, table.first(s.weight_name, error=AdapterError).shape, seen)
+                    for s in all_slots(g) if s.adapter == adapter]
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fxtune_version": __version__, "adapter": adapter, "slots": records}
     return meta, tensors
 
@@ -203,7 +210,10 @@ def apply_adapter_state(
     """A new GraphModule with the described adapter re-created on gm; a mismatch raises and changes nothing.
 
     `saved_settings` ({target: config} as saved with the tensors), if given, must equal the JSON's settings.
+    On a model traced in parts, each part gets the records of its own sites.
     """
+    if is_parted(gm) and isinstance(meta, dict) and isinstance(meta.get("slots"), list):
+        return _apply_to_parts(gm, meta, tensors, adapter, source, saved_settings)
     problems = _check(gm, meta, tensors, saved_settings)
     if problems:
         raise AdapterError(f"cannot re-create {source} on this model:\n  " + "\n  ".join(problems))
@@ -218,6 +228,28 @@ def apply_adapter_state(
             _recreate(rw, rec, _unpack(rec, tensors), created, source)
         gm = rw.finish()
     return gm
+
+
+def _apply_to_parts(gm: nn.Module, meta: dict, tensors: dict, adapter: str | None, source: str, saved_settings: Any) -> nn.Module:
+    """apply_adapter_state on every part holding some of the records' weights; a weight no part has is refused."""
+    owners = {s.weight_name: path for path, part in parts_of(gm) for s in site_table(part)}
+    records = [r for r in meta["slots"] if isinstance(r, dict)]
+    strays = sorted({str(r.get("target")) for r in records if r.get("target") not in owners})
+    if strays:
+        raise AdapterError(f"cannot re-create {source} on this model: no part has the weights {strays}")
+    claimed = {r.get("target") for r in records}
+    unclaimed = sorted(k for k in tensors if k.rpartition(".")[0] not in claimed)
+    if unclaimed:
+        raise AdapterError(f"cannot re-create {source} on this model: tensors {unclaimed[:8]} in {TENSORS_NAME} belong to no slot of {JSON_NAME}")
+    done = {}
+    for path, part in parts_of(gm):
+        mine = [r for r in records if owners[r["target"]] == path]
+        if mine:
+            targets = {r["target"] for r in mine}
+            part_tensors = {k: v for k, v in tensors.items() if k.rpartition(".")[0] in targets}  # keys: <target>.<tensor name>
+            settings = {k: v for k, v in saved_settings.items() if k in targets} if isinstance(saved_settings, dict) else saved_settings
+            done[path] = apply_adapter_state(part, {**meta, "slots": mine}, part_tensors, adapter, source=source, saved_settings=settings)
+    return with_parts(gm, done)
 
 
 def _recreate(rw: Rewrite, rec: dict, tensors: dict[str, torch.Tensor], created: dict, source: str) -> None:

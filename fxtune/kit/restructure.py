@@ -34,8 +34,8 @@ from .working_copy import WorkingCopy
 STRUCTURE_META = "fxtune_structure"
 
 
-def _why_not(group: list[Site], kinds: tuple[str, ...]) -> str | None:
-    """Why a structural pass cannot replace the module behind these sites, if so."""
+def _why_not(group: list[Site], kinds: tuple[str, ...], path: str) -> str | None:
+    """Why a structural pass cannot replace the module (at `path`) behind these sites, if so."""
     site = group[0]
     if site.layer not in kinds:
         return f"a {site.layer} site; this pass rebuilds {', '.join(kinds)} sites only"
@@ -43,7 +43,7 @@ def _why_not(group: list[Site], kinds: tuple[str, ...]) -> str | None:
         return "a projection inside nn.MultiheadAttention, not a module call"
     if site.call == "opaque":
         return f"its module is called as a whole and not as the plain op ({opaque_reason(site)})"
-    direct = sorted({s.use_ref.path for s in group if s.call != "module" or s.use_ref.owner != site.weight_name})
+    direct = sorted({s.use_ref.path for s in group if s.call != "module" or s.use_ref.owner != path})
     if direct:
         return (f"the graph reads {direct} directly, not only through calls of '{site.weight_name}'; replacing the "
                 "module would break those reads")
@@ -83,7 +83,7 @@ class Restructure(WorkingCopy):
             self._check_adapters(target)
         if where is not None:
             chosen = {t: group for t, group in chosen.items() if where(group)}
-        refused = {t: _why_not(group, tuple(kinds)) for t, group in chosen.items()}
+        refused = {t: _why_not(group, tuple(kinds), self.module_path(t)) for t, group in chosen.items()}
         refused = {t: why for t, why in refused.items() if why}
         listing = "\n  ".join(f"'{t}': {why}" for t, why in refused.items())
         if refused and targets is None and len(refused) < len(chosen):
@@ -110,9 +110,10 @@ class Restructure(WorkingCopy):
         requires_grad=True and are listed for `trainable_parameters`, all other new ones are frozen.
         Returns the new call nodes (every call's chain, in graph order).
         """
-        self._check(target)
+        weight, target = target, self.module_path(target)
+        self._check(weight, target)
         if not modules:
-            raise StructureError(f"replacing '{target}' needs at least one module, got none")
+            raise StructureError(f"replacing '{weight}' needs at least one module, got none")
         sequence, trainable = nn.Sequential(*modules), set(trainable)
         self._freeze_except(target, sequence, trainable)
         graph = self.gm.graph
@@ -137,7 +138,8 @@ class Restructure(WorkingCopy):
         `module` must take the same inputs (e.g. the same conv with a new weight and bias).
         `trainable` names its parameters as in `replace`; returns the call nodes.
         """
-        self._check(target)
+        weight, target = target, self.module_path(target)
+        self._check(weight, target)
         trainable = set(trainable)
         self._freeze_except(target, module, trainable)
         calls = [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target]
@@ -189,9 +191,9 @@ class Restructure(WorkingCopy):
                 f"{self.name} would orphan them. Run fuse(gm) first, or exclude this site"
             )
 
-    def _check(self, target: str) -> None:
-        """Refuses modules whose meaning other parts of the graph depend on."""
-        self._check_adapters(target)
+    def _check(self, weight: str, target: str) -> None:
+        """Refuses modules (at module path `target`, of weight `weight`) whose meaning other parts of the graph depend on."""
+        self._check_adapters(weight)
         nodes = self.gm.graph.nodes
         if not any(n.op == "call_module" and n.target == target for n in nodes):
             raise StructureError(f"'{target}' is not called as a module in the graph, so its calls cannot be replaced")

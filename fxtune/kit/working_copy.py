@@ -14,7 +14,7 @@ from ..errors import FxtuneError
 from ..graph.discovery import site_table
 from ..graph.ownership import clone_graph_module
 from ..graph.selection import Selector, select_weights
-from ..graph.sites import Site, SiteTable
+from ..graph.sites import PART, Site, SiteTable
 from ..graph.weights import Weights
 
 
@@ -36,6 +36,12 @@ class WorkingCopy:
         if self._table is None:
             self._table = site_table(self.gm)
         return self._table
+
+    def module_path(self, weight_name: str) -> str:
+        """Where a weight's module is in this GraphModule: its name, less the part's path when the
+        GraphModule is a part of a model traced in parts (whose sites are named as in the whole)."""
+        part = self.gm.meta.get(PART)
+        return weight_name[len(part) + 1:] if part and weight_name.startswith(part + ".") else weight_name
 
     def forget_sites(self) -> None:
         """After an edit that changes which modules the graph calls, sites are found again when next read."""
