@@ -11,7 +11,8 @@ training noise. The test checks δ = 0 gives exactly the base output.
 
 The matrix is the weight's (out, in/groups·kernel) view; group g is its rows g·out/G to
 (g+1)·out/G, with its own SVD and δ: δ is (G, min(out/G, in/G·kernel)). U, σ, Vᵀ are derived
-from the base weight: non-persistent buffers, not trainable and not in the state_dict.
+from the weight as traced (before merges; the same on any reload): non-persistent buffers, not
+trainable and not in the state_dict. δ = 0 is the identity on whatever the adapters before it make.
 
 After `svdiff(gm, targets="layer4.*")` a site reads:
 
@@ -48,9 +49,9 @@ def _factors(weight: torch.Tensor, groups: int) -> dict[str, torch.Tensor]:
     return {"u": u.to(weight.dtype), "sigma": s.to(weight.dtype), "vh": vh.to(weight.dtype)}
 
 
-def _restore(site: fxtune.Site, weight: torch.Tensor, config: dict, tensors: dict) -> dict:
-    """A reloaded adapter's U, σ, Vᵀ: not saved, derived again from the weight as it reaches the adapter."""
-    return {"buffers": _factors(weight, site.groups)}
+def _restore(site: fxtune.Site, weight: torch.Tensor, config: dict, tensors: dict, *, base: torch.Tensor) -> dict:
+    """A reloaded adapter's U, σ, Vᵀ: not saved, derived again from the weight as traced (as when made)."""
+    return {"buffers": _factors(base, site.groups)}
 
 
 KIND = fxtune.register_kind(AdapterKind("svdiff", weight=svdiff_weight, restore=_restore))
@@ -68,7 +69,7 @@ def svdiff(
     group on grouped convs); returns a new GraphModule. Weight form only."""
     rw = fxtune.Rewrite(gm, kind="svdiff", adapter=adapter)
     for target, found in rw.select(targets, exclude=exclude).items():
-        weight = rw.entering_weight(target)  # the spectrum of the weight as it reaches this adapter
+        weight = rw.traced_weight(target)  # the pretrained weight's spectrum: the same on any reload
         if weight.is_meta:
             raise AdapterError(
                 f"svdiff needs the values of '{target}' (for its SVD) but it is on the meta device; load the weights first"

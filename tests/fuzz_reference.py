@@ -109,11 +109,11 @@ def adapted_weights(base: nn.Module, gm: nn.Module, chosen: set[str] | None = No
             if slot.kind == "dora":
                 amplification = max(amplification, _dora_amplification(w, inputs))
             w = kind.weight(w, **_accepted(kind.weight, inputs))
+            if loc.padding_idx is not None:  # the embedding's padding row (a column of the transposed view) is never
+                w = w.clone()                # adapted: every adapter sees it as it was
+                w[:, loc.padding_idx] = w0[:, loc.padding_idx]
             if b is not None and kind.bias is not None:
                 b = kind.bias(b, **_accepted(kind.bias, inputs))
-        if loc.padding_idx is not None:  # the embedding's padding row (a column of the transposed view) is never adapted
-            w = w.clone()
-            w[:, loc.padding_idx] = w0[:, loc.padding_idx]
         w = w.t() if loc.transposed else w
         values[loc.weight] = torch.cat([raw[:loc.rows[0]], w, raw[loc.rows[1]:]]) if loc.rows else w
         if b is not None:

@@ -188,3 +188,21 @@ def test_an_adapter_saved_while_merged_loads_trainable(tmp_path):
     fxtune.save_adapters(gm, str(tmp_path))
     loaded = fxtune.load_adapters(fxtune.trace(model), str(tmp_path))  # unmerged and active again
     assert len(fxtune.trainable_parameters(loaded)) == 2, "the reloaded LoRA has nothing to train"
+
+
+def test_svdiff_over_a_trained_adapter_reloads_to_the_same_outputs(tmp_path):
+    """SVDiff's U, σ, V are not saved: they come from the weight as traced, so an adapter under it that
+    trains after SVDiff was added (IA³'s scale here) cannot make a reload derive other ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4)).eval()
+    x = torch.randn(3, 5)
+    gm = svdiff(ia3(fxtune.trace(model), position="input", adapter="a"), adapter="b")
+    with torch.no_grad():
+        gm.fxtune.a._modules["0"].scale.uniform_(0.5, 2.0)  # trained after SVDiff was added
+        gm.fxtune.b._modules["0"].delta.normal_()
+    for name in ("a", "b"):
+        fxtune.save_adapters(gm, str(tmp_path / name), adapter=name)
+    loaded = fxtune.trace(model)
+    for name in ("a", "b"):
+        loaded = fxtune.load_adapters(loaded, str(tmp_path / name))
+    assert torch.equal(loaded(x), gm(x))

@@ -164,7 +164,7 @@ def test_hugging_face_llama_through_export(ratio):
 
     model = nets.randomize(Hidden())
     ids = torch.randint(0, 100, (2, 8))
-    gm = fxtune.trace(model, frontend="export", example_inputs=(ids,))
+    gm = fxtune.trace(model, frontend="export", example_inputs=(ids,), dynamic={"ids": {0: "batch", 1: "seq"}})
     groups = channel_groups(gm)
     heads = groups["model.layers.0.self_attn.q_proj"]
     assert heads.units == 2 and heads.unit_size == 16  # a kv head and the two query heads that read it

@@ -80,3 +80,15 @@ def use_base(store: Weights, ref: WeightRef, replaced: bool) -> None:
     if kept is not None:
         store.write_pieces(ref, kept["replacement"] if replaced else kept["weight"])
 
+
+
+def traced_weight(store: Weights, ref: WeightRef) -> torch.Tensor:
+    """The weight as traced, canonical view: before any merge or base replacement (from their records),
+    what a fresh trace of the model has. Tensors derived from it are the same again after a reload."""
+    records = _records(store, ref)
+    for record in (ORIGINAL, PREMERGE):
+        kept = records.get(_key(record, ref))
+        if kept is not None:
+            weight = kept["weight"].detach()  # raw layout; already the rows of a row slice
+            return weight.t() if ref.transposed else weight
+    return store.read(ref)[0]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..adapter.base_weights import replace_base, replaced_by
+from ..adapter.base_weights import replace_base, replaced_by, traced_weight
 from ..adapter.kinds import get_kind
 from ..adapter.fusion import folded_tensors
 from ..adapter.realise import rebuild
@@ -73,16 +73,21 @@ class Rewrite(WorkingCopy):
         """The weight part of `entering`."""
         return self.entering(weight_name)[0]
 
+    def traced_weight(self, weight_name: str) -> torch.Tensor:
+        """The weight as traced (before merges and base replacements), canonical view, detached: what a
+        kind derives unsaved tensors from, so that reloading its adapter anywhere derives the same ones."""
+        return traced_weight(self.store, self.site(weight_name).weight_ref)
+
     def restored(self, weight_name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict:
         """What re-creating a saved adapter of this kind on a weight needs beyond its tensors: the kind's
         `restore(site, weight, config, tensors)` with the weight as it reaches the adapter, and `base=` the
-        base weight itself when the restore declares it (a kind that replaced the base, as PiSSA, derives from it)."""
+        weight as traced when the restore declares it (PiSSA's residual, SVDiff's singular vectors)."""
         restore = self.kind.restore
         if restore is None:
             return {}
         site, weight = self.site(weight_name), self.entering_weight(weight_name)
         if "base" in inspect.signature(restore).parameters:
-            return restore(site, weight, config, tensors, base=self.weight(weight_name)) or {}
+            return restore(site, weight, config, tensors, base=self.traced_weight(weight_name)) or {}
         return restore(site, weight, config, tensors) or {}
 
     def replace_base_weight(self, weight_name: str, weight: torch.Tensor) -> None:
