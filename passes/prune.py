@@ -14,7 +14,8 @@ After `prune(gm, masks={"conv": keep})` on conv → bn → relu → fc:
     ...
     fc = self.fc(flatten)          # Linear(12, 10)
 
-`pruned.meta["fxtune_prune"]` holds a report (groups pruned, skipped and why; compensation).
+`pruned.meta["fxtune_prune"]` holds a report as data (groups pruned, skipped and why; compensation);
+`PruneReport.of(pruned)` prints it as a table.
 """
 
 from __future__ import annotations
@@ -39,12 +40,27 @@ ChannelGroup = Any  # fxtune.channels.ChannelGroup: a group of channel_groups(gm
 IMPORTANCE = ("l1", "l2", "bn_scale", "random", "taylor")
 
 
+REPORT = "fxtune_prune"  # gm.meta key of the report
+
+
 @dataclass
 class PruneReport:
-    """What prune did per group (channels before → after, or why not), and where compensation was exact."""
+    """What prune did per group (channels before → after, or why not), and where compensation was exact.
+
+    The pruned GraphModule keeps it as data (`gm.meta["fxtune_prune"]`, saved by fxtune.save);
+    `PruneReport.of(gm)` gives it back as a printable table.
+    """
 
     rows: list[tuple[str, int, int, str]] = field(default_factory=list)
     compensation: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> "PruneReport":
+        data = gm.meta[REPORT]
+        return cls([tuple(r) for r in data["groups"]], [tuple(r) for r in data["compensation"]])
+
+    def as_data(self) -> dict:
+        return {"groups": [list(r) for r in self.rows], "compensation": [list(r) for r in self.compensation]}
 
     def __str__(self) -> str:
         text = tabulate(self.rows, headers=["group", "channels", "kept", "status"])
@@ -245,7 +261,7 @@ def prune(
         listing = "\n  ".join(f"{n}: {s}" for n, _, _, s in report.rows[:20])
         raise StructureError(f"prune found nothing to remove:\n  {listing}")
     pruned, report.compensation = remove_channels(gm, groups, remove, compensate=compensate, example_inputs=example_inputs)
-    pruned.meta["fxtune_prune"] = report
+    pruned.meta[REPORT] = report.as_data()
     inexact = [f"{reader} ({group}): {why}" for reader, group, why in report.compensation if why.startswith("skipped")]
     if inexact:
         fxtune.warn("compensate=True could not fold every removed channel's constant exactly; those readers now see 0 instead:\n  "

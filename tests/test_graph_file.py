@@ -148,6 +148,22 @@ def test_fused_low_rank_and_fold_bn(traced, mixed, tmp_path):
     assert fxtune.trainable_parameters(factored) and all(g.abs().sum() > 0 for g in gradients(factored, X))
 
 
+def test_pruned_round_trip_and_pruned_adapters_train(tmp_path):
+    """A pruned GraphModule (smaller layers, rewritten sizes) and one pruned with its LoRA adapters sliced."""
+    from fxtune.passes import prune
+
+    model = vision_model("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    gm = fxtune.trace(model)
+    pruned = prune(gm, 0.5, example_inputs=(x,))
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in gm.parameters())
+    assert_same_graph_module(round_trip(pruned, tmp_path / "p"), pruned, x)
+    adapted = prune(lora(gm, targets="layer4.*", r=2), 0.3, example_inputs=(x,))
+    loaded = round_trip(adapted, tmp_path / "a")
+    assert_same_graph_module(loaded, adapted, x)
+    assert fxtune.trainable_parameters(loaded) and all(g.abs().sum() > 0 for g in gradients(loaded, x)[1::2])
+
+
 def test_sp_lopa_shared_prototypes_stay_one_parameter(tmp_path):
     gm = sp_lopa(fxtune.trace(MLP()), block=(2, 2), r=1, num_prototypes=2)
     loaded = round_trip(gm, tmp_path)

@@ -10,6 +10,7 @@ import torchvision
 
 import fxtune
 from fxtune.passes import prune
+from fxtune.passes.prune import PruneReport
 
 import prune_nets as nets
 from core_helpers import assert_unchanged, snapshot
@@ -174,7 +175,7 @@ def test_ratio_removes_the_lowest_l2_units_and_keeps_multiples_of_round_to():
     assert pruned.blocks[0]["attn"].q.out_features == 16 and pruned.blocks[1]["attn"].q.out_features == 32  # 2 heads of 8 go
     with pytest.raises(fxtune.StructureError, match="nothing to remove"):  # 0.3: 1 head (24 left) and 14 features round back up
         prune(gm, 0.3, round_to=16, exclude="blocks.1.*", example_inputs=(ids,))
-    report = str(pruned.meta["fxtune_prune"])
+    report = str(PruneReport.of(pruned))
     assert "excluded" in report
 
 

@@ -12,6 +12,7 @@ import fxtune
 from fxtune import channel_groups
 from fxtune.passes import dora, fold_bn, fuse, ia3, lora, slice_delta, sp_lopa, sp_lora, sp_para
 from fxtune.passes import prune
+from fxtune.passes.prune import PruneReport
 
 import prune_nets as nets
 from core_helpers import assert_unchanged, snapshot
@@ -144,14 +145,14 @@ def test_compensation_equals_the_model_with_only_the_weights_zeroed_where_exact(
     weights_zeroed = zeroed(model, [("a.weight", 0, gone(keep_a)), ("c.weight", 0, gone(keep_c))])
     torch.testing.assert_close(pruned(x), weights_zeroed(x), rtol=1e-5, atol=1e-6)
     assert pruned.b.bias is not None  # b had none: the folded constant needed one
-    report = pruned.meta["fxtune_prune"].compensation
+    report = PruneReport.of(pruned).compensation
     assert ("b", "a", "exact: 4 constant channel(s) folded into its bias") in report
     assert ("fc", "c", "exact: 3 constant channel(s) folded into its bias") in report
     assert_unchanged(gm, before)
     keep_b = random_keep(6, 0.5, seed=4)
     with pytest.warns(fxtune.FxtuneWarning, match="c \\(b\\): skipped: it pads with zeros"):
         pruned = prune(gm, masks={"b": keep_b}, compensate=True, example_inputs=(x,))
-    assert any(row[:2] == ("c", "b") and "pads with zeros" in row[2] for row in pruned.meta["fxtune_prune"].compensation)
+    assert any(row[:2] == ("c", "b") and "pads with zeros" in row[2] for row in PruneReport.of(pruned).compensation)
     plain = prune(gm, masks={"b": keep_b}, example_inputs=(x,))
     masked = zeroed(model, [("b.weight", 0, gone(keep_b)), ("bn_b.weight", 0, gone(keep_b)), ("bn_b.bias", 0, gone(keep_b))])
     torch.testing.assert_close(plain(x), masked(x), rtol=1e-5, atol=1e-6)
