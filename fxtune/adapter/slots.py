@@ -27,16 +27,10 @@ class AdapterSlot(nn.Module):
 
     def __init__(self, kind: str, weight_name: str, adapter: str, config: dict[str, Any], form: str, order: int):
         super().__init__()
-        self.kind = kind
-        self.weight_name = weight_name
-        self.adapter = adapter
-        self.config = dict(config)
-        self.form = form
-        self.form_reason = ""
-        self.order = order
-        self.active = True
-        self.merged = False
-        self.trainable_before_merge: dict[str, bool] = {}
+        self.__dict__.update(  # plain values: nn.Module.__setattr__ would only pass them on, slowly
+            kind=kind, weight_name=weight_name, adapter=adapter, config=dict(config), form=form, form_reason="",
+            order=order, active=True, merged=False, trainable_before_merge={},
+        )
 
     target = property(lambda self: self.weight_name, doc="Old name of `weight_name`.")
 

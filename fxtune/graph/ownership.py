@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
+from .code_on_first_use import generate_code_on_first_use
+
 NAMESPACE = "fxtune"  # the attribute under which a GraphModule holds its adapter slots
 RECORD_PREFIX = "_fxtune_"  # module attributes holding fxtune records; copied with the module
 TRAINABLE = "fxtune_trainable"  # gm.meta: base-tree parameters a structural pass made trainable
@@ -51,10 +53,11 @@ def own_module_tree(
         if id(module) in memo:
             return memo[id(module)]
         new = shallow_module_copy(module)
-        new._parameters = {k: None if p is None else share(p, cloned) for k, p in module._parameters.items()}
-        new._buffers = {k: None if b is None else memo.setdefault(id(b), b.detach().clone()) for k, b in module._buffers.items()}
+        state = new.__dict__  # written directly: nn.Module.__setattr__ would be a tenth of the copy's time
+        state["_parameters"] = {k: None if p is None else share(p, cloned) for k, p in module._parameters.items()}
+        state["_buffers"] = {k: None if b is None else memo.setdefault(id(b), b.detach().clone()) for k, b in module._buffers.items()}
         memo[id(module)] = new
-        new._modules = {
+        state["_modules"] = {
             k: None if m is None else own(m, cloned or (module is root and k == copy_prefix))
             for k, m in module._modules.items()
         }
@@ -66,6 +69,7 @@ def own_module_tree(
 
 
 _SHARED = frozenset({"_parameters", "_buffers", "_modules"})  # replaced by own_module_tree anyway
+_PLAIN = frozenset({bool, int, float, str, tuple, type(None)})  # immutable and never bound: kept as they are
 
 
 def shallow_module_copy(module: nn.Module) -> nn.Module:
@@ -78,7 +82,9 @@ def shallow_module_copy(module: nn.Module) -> nn.Module:
     new = object.__new__(type(module))
     state = module.__dict__.copy()
     for key, value in state.items():
-        if key not in _SHARED and isinstance(value, (dict, set)):
+        if type(value) in _PLAIN or key in _SHARED:
+            continue
+        if isinstance(value, (dict, set)):
             state[key] = value.copy()
         elif isinstance(value, types.MethodType) and value.__self__ is module:
             state[key] = types.MethodType(value.__func__, new)  # `self.forward = self.forward_split` (timm FasterNet)
@@ -86,13 +92,13 @@ def shallow_module_copy(module: nn.Module) -> nn.Module:
     return new
 
 
-def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str = "GraphModule", *, compile: bool = True) -> fx.GraphModule:
+def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str = "GraphModule") -> fx.GraphModule:
     """A GraphModule over `graph` that keeps *all* of root's children, parameters and buffers.
 
     `GraphModule(root, graph)` keeps only what the graph references and replaces the module
     hierarchy by hollow `nn.Module`s; here root's own objects are adopted as they are, so the
     state_dict has exactly the model's keys and `gm.layer1` is still the model's `nn.Sequential`.
-    With compile=False the code is generated later (a pass recompiles once when it finishes).
+    Its code is generated when first used (see code_on_first_use.py).
     """
     gm = fx.GraphModule(nn.Module(), fx.Graph(), class_name=class_name)
     gm._modules = OrderedDict(root._modules)
@@ -110,8 +116,7 @@ def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str = "Grap
     graph.owning_module = gm
     gm._tracer_cls = graph._tracer_cls if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__ else None
     gm._tracer_extras = graph._tracer_extras or {}
-    if compile:
-        gm.recompile()
+    generate_code_on_first_use(gm)
     for hook in _ON_BUILD:
         hook(gm)
     return gm
@@ -140,7 +145,7 @@ def _adopt_constants(root: nn.Module, gm: fx.GraphModule, graph: fx.Graph) -> No
                 gm.__dict__[node.target] = value
 
 
-def clone_graph_module(gm: fx.GraphModule, *, freeze: bool = True, compile: bool = True) -> fx.GraphModule:
+def clone_graph_module(gm: fx.GraphModule, *, freeze: bool = True) -> fx.GraphModule:
     """A new GraphModule equal to `gm` that can be edited and trained without touching `gm`.
 
     Base parameters share storage (frozen if `freeze`), buffers and adapter parameters are
@@ -148,7 +153,7 @@ def clone_graph_module(gm: fx.GraphModule, *, freeze: bool = True, compile: bool
     """
     root = own_module_tree(gm, freeze=freeze)
     graph = copy.deepcopy(gm.graph)
-    new = build_graph_module(root, graph, class_name=type(gm).__name__, compile=compile)
+    new = build_graph_module(root, graph, class_name=type(gm).__name__)
     if freeze:
         for name, param in new.named_parameters():
             if not name.startswith(NAMESPACE + "."):
