@@ -40,6 +40,7 @@ from typing import Iterable
 from torch import fx, nn
 
 from ..errors import AdapterError
+from ..graph.code_on_first_use import generate_code_on_first_use
 from ..graph.discovery import site_table
 from ..graph.ownership import clone_graph_module
 from ..graph.sites import Site, SiteTable, identifier
@@ -81,7 +82,7 @@ def batched(gm: fx.GraphModule, names: str | Iterable[str], *, form: str = "auto
         raise AdapterError(f"this GraphModule already has an input named '{INDEX}' (is it batched already?)")
     if any(str(n.target).startswith("*") for n in inputs):
         raise AdapterError("batched needs a forward without *args/**kwargs; trace with concrete_args to fix them")
-    out = clone_graph_module(gm, compile=False)
+    out = clone_graph_module(gm)
     table = site_table(out)
     _check_sites(out, table, names)
     _use_traced_bases(out, table, names)
@@ -91,8 +92,7 @@ def batched(gm: fx.GraphModule, names: str | Iterable[str], *, form: str = "auto
         _emit_site(out, site, plan, names, form)
     sweep_unused(out.graph)
     out.graph.lint()
-    out.recompile()
-    return out
+    return generate_code_on_first_use(out)
 
 
 _CANNOT_SPLIT = {"value": "its weight is passed as a value into other code", "mha": "it is inside nn.MultiheadAttention"}

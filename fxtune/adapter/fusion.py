@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ..errors import FusionError
+from ..graph.code_on_first_use import generate_code_on_first_use
 from ..graph.discovery import site_table
 from ..graph.ownership import clone_graph_module
 from ..graph.sites import Site
@@ -125,7 +126,7 @@ def fold(gm: fx.GraphModule, adapters: Iterable[str] | None = None) -> fx.GraphM
     dropped_merged = sorted({s.adapter for s in slots if s.merged and not (s.active if names is None else s.adapter in names)})
     if dropped_merged:
         raise FusionError(f"adapters {dropped_merged} are merged into the weights; fuse them too, or fxtune.unmerge(gm) first")
-    gm = clone_graph_module(gm, compile=False)
+    gm = clone_graph_module(gm)
     slots = all_slots(gm)
     chosen = [s for s in slots if (s.active if names is None else s.adapter in names)]
     store, table = Weights(gm), site_table(gm)
@@ -141,5 +142,4 @@ def fold(gm: fx.GraphModule, adapters: Iterable[str] | None = None) -> fx.GraphM
     strip_sites(gm, table, {s.weight_name for s in slots})
     remove_slots(gm, slots)
     gm.graph.lint()
-    gm.recompile()
-    return gm
+    return generate_code_on_first_use(gm)

@@ -31,7 +31,7 @@ def _refs(table: SiteTable, weights) -> dict[str, WeightRef]:
 
 def _working_copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, SiteTable, Weights]:
     """A clone to edit (code generated once, at its rebuild), its sites and its weights."""
-    gm = clone_graph_module(gm, compile=False)
+    gm = clone_graph_module(gm)
     return gm, site_table(gm), Weights(gm)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import fx
 
+from ..graph.code_on_first_use import generate_code_on_first_use
 from ..graph.signatures import replace_argument
 from ..graph.sites import Site, SiteTable, identifier
 from ..graph.traced_calls import OUTPUT, TAG, remember_call
@@ -170,14 +171,13 @@ def emit_node(gm: fx.GraphModule, work: list[tuple[Site, list[AdapterSlot]]]) ->
         _emit_call(gm, *work[0])
 
 
-def rebuild(gm: fx.GraphModule, table: SiteTable, weights: set[str] | None = None, *, compile: bool = True) -> None:
+def rebuild(gm: fx.GraphModule, table: SiteTable, weights: set[str] | None = None) -> None:
     """Re-derives the code of every node that uses a weight in `weights` (all if None) from its active,
-    unmerged slots; `table` holds gm's sites. Lints and recompiles once."""
+    unmerged slots; `table` holds gm's sites. Lints; the code is generated on first use."""
     strip_sites(gm, table, weights)
     by_weight = slots_by_weight(gm)
     for group in table.by_node(weights).values():
         emit_node(gm, [(site, [s for s in by_weight.get(site.weight_name, []) if not s.merged]) for site in group])
     sweep_unused(gm.graph)
     gm.graph.lint()
-    if compile:
-        gm.recompile()
+    generate_code_on_first_use(gm)

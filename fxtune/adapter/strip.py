@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from ..graph.code_on_first_use import generate_code_on_first_use
 from ..graph.discovery import site_table
 from ..graph.ownership import clone_graph_module
 from ..graph.sites import SiteTable
@@ -63,5 +64,4 @@ def without_adapter_code(gm: fx.GraphModule) -> fx.GraphModule:
         return gm
     base = clone_graph_module(gm)
     strip_sites(base, site_table(base))
-    base.recompile()
-    return base
+    return generate_code_on_first_use(base)

@@ -11,6 +11,7 @@ import torch
 from torch import fx
 
 from ..errors import FxtuneError
+from ..graph.code_on_first_use import generate_code_on_first_use
 from ..graph.discovery import site_table
 from ..graph.ownership import clone_graph_module
 from ..graph.selection import Selector, select_weights
@@ -26,7 +27,7 @@ class WorkingCopy:
     def __init__(self, gm: fx.GraphModule):
         if not isinstance(gm, fx.GraphModule):
             raise self.error(f"passes take a GraphModule (use fxtune.trace(model) first), got {type(gm).__name__}")
-        self.gm = clone_graph_module(gm, compile=False)
+        self.gm = clone_graph_module(gm)
         self.store = Weights(self.gm)
         self._table: SiteTable | None = None
 
@@ -73,7 +74,7 @@ class WorkingCopy:
         return self.store.read(self.site(weight_name).weight_ref)[1]
 
     def finish(self) -> fx.GraphModule:
-        """Checks the graph and generates its code (once per pass); returns the new GraphModule."""
+        """Checks the graph and marks its code for generation on first use; returns the new GraphModule."""
         self.gm.graph.lint()
-        self.gm.recompile()
+        generate_code_on_first_use(self.gm)
         return self.gm
