@@ -112,6 +112,12 @@ def fx_inject(model: nn.Module, names: list[str]) -> torch.fx.GraphModule:
     return lora(fxtune.trace(model), targets=names, r=RANK)
 
 
+def with_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """gm with its Python code generated and compiled, as its first call would (fxtune defers that)."""
+    assert gm.code
+    return gm
+
+
 def peft_inject(model: nn.Module, names: list[str]) -> nn.Module:
     """PEFT on `model` itself (callers pass a deepcopy): same sites, r, scale alpha/r = 1."""
     config = peft.LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=names)
@@ -164,11 +170,15 @@ def bench_model(spec: str, repeats: int, quick: bool) -> dict:
     labels = torch.randint(0, 1000, (x.shape[0],))
     fw_inner = 1 if quick else 2
 
-    # trace + inject vs get_peft_model (PEFT's deepcopy is outside the timed region)
-    # floors: fx's own symbolic_trace (no graph tool can skip it) and fxtune.trace alone
-    setup = {"fxtune": [], "PEFT": [], "symbolic_trace": [], "trace": []}
+    # trace + inject vs get_peft_model (PEFT's deepcopy is outside the timed region); fxtune generates
+    # a GraphModule's code on first use, so also timed with it ("fxtune+code", as before a first call)
+    # floor: fx's Tracer alone, the graph without code (no graph tool can skip it); then fx.symbolic_trace
+    # (graph and code) and fxtune.trace alone
+    setup = {"fxtune": [], "fxtune+code": [], "PEFT": [], "tracer": [], "symbolic_trace": [], "trace": []}
     interleave = [("fxtune", lambda: timed_once(lambda: None, lambda _: fx_inject(model, names))),
+                  ("fxtune+code", lambda: timed_once(lambda: None, lambda _: with_code(fx_inject(model, names)))),
                   ("PEFT", lambda: timed_once(lambda: copy.deepcopy(model), lambda m: peft_inject(m, names))),
+                  ("tracer", lambda: timed_once(lambda: None, lambda _: torch.fx.Tracer().trace(model))),
                   ("symbolic_trace", lambda: timed_once(lambda: None, lambda _: torch.fx.symbolic_trace(model))),
                   ("trace", lambda: timed_once(lambda: None, lambda _: fxtune.trace(model)))]
     for rep in range(repeats):
@@ -242,8 +252,9 @@ def bench_model(spec: str, repeats: int, quick: bool) -> dict:
 
     # fuse vs merge_and_unload (merge_and_unload consumes its model: a fresh deepcopy each round)
     # PEFT merges in place, consuming its model; "PEFT copy" is the non-destructive equivalent of fuse
-    fold = {"fxtune": [], "PEFT": [], "PEFT copy": []}
+    fold = {"fxtune": [], "fxtune+code": [], "PEFT": [], "PEFT copy": []}
     interleave = [("fxtune", lambda: timed_once(lambda: None, lambda _: fuse(gm))),
+                  ("fxtune+code", lambda: timed_once(lambda: None, lambda _: with_code(fuse(gm)))),
                   ("PEFT", lambda: timed_once(lambda: copy.deepcopy(pm), lambda m: m.merge_and_unload())),
                   ("PEFT copy", lambda: timed_once(lambda: None, lambda _: copy.deepcopy(pm).merge_and_unload()))]
     for rep in range(repeats):
@@ -300,9 +311,12 @@ def tables(results: list[dict]) -> tuple[str, str]:
                                ms(med(t["PEFT"])), f"{fx:.3f}", f"{pf:.3f}", target, met])
         for op, key, ours, theirs in (
             ("trace+lora / get_peft_model", "setup", "fxtune", "PEFT"),
-            ("floor: fx.symbolic_trace alone / get_peft_model", "setup", "symbolic_trace", "PEFT"),
+            ("trace+lora, code generated (gm.code) / get_peft_model", "setup", "fxtune+code", "PEFT"),
+            ("floor: fx.Tracer().trace alone (graph, no code) / get_peft_model", "setup", "tracer", "PEFT"),
+            ("fx.symbolic_trace alone (graph and code) / get_peft_model", "setup", "symbolic_trace", "PEFT"),
             ("fxtune.trace alone / get_peft_model", "setup", "trace", "PEFT"),
             ("fuse / merge_and_unload", "fold", "fxtune", "PEFT"),
+            ("fuse, code generated / merge_and_unload", "fold", "fxtune+code", "PEFT"),
             ("fuse / deepcopy + merge_and_unload", "fold", "fxtune", "PEFT copy"),
         ):
             t = r[key]
