@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -33,7 +32,7 @@ from torch import fx
 import fxtune
 from fxtune import StructureError
 from fxtune import channel_groups
-from fxtune.kit import remove_channels, unit_importance
+from fxtune.kit import name_chosen, remove_channels, unit_importance
 
 ChannelGroup = Any  # fxtune.channels.ChannelGroup: a group of channel_groups(gm)
 
@@ -67,18 +66,6 @@ class PruneReport:
         if self.compensation:
             text += "\n" + tabulate(self.compensation, headers=["consumer", "group", "compensation"])
         return text
-
-
-def _matches(group: ChannelGroup, selector: Any) -> bool:
-    if selector is None:
-        return False
-    if isinstance(selector, str):
-        return fnmatch.fnmatchcase(group.name, selector)
-    if isinstance(selector, re.Pattern):
-        return selector.fullmatch(group.name) is not None
-    if callable(selector):
-        return bool(selector(group))
-    return group.name in selector
 
 
 def _check_ratio(value: Any, where: str) -> float:
@@ -153,7 +140,7 @@ def _candidates(groups, remove, ratio, exclude, allow_norm_change) -> tuple[list
     for g in groups:
         if g.name in remove:
             continue
-        if _matches(g, exclude):
+        if exclude is not None and name_chosen(g.name, g, exclude):
             skipped[g.name] = "excluded"
         elif _ratio_of(g, ratio) is None:
             skipped[g.name] = "no ratio given"

@@ -3,6 +3,7 @@ by hand in a deepcopy), and has the parameter count the test works out itself.""
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -177,6 +178,19 @@ def test_ratio_removes_the_lowest_l2_units_and_keeps_multiples_of_round_to():
         prune(gm, 0.3, round_to=16, exclude="blocks.1.*", example_inputs=(ids,))
     report = str(PruneReport.of(pruned))
     assert "excluded" in report
+
+
+@pytest.mark.parametrize("exclude", [
+    "blocks.1.*", re.compile(r"blocks\.1\..*"), lambda group: group.name.startswith("blocks.1."),
+], ids=["glob", "regex", "callable"])
+def test_exclude_takes_every_kind_of_name_selector(exclude):
+    model, ids = nets.decoder(), torch.randint(0, 50, (2, 12))
+    gm = fxtune.trace(model)
+    names = [g.name for g in fxtune.channel_groups(gm, example_inputs=(ids,)) if g.name.startswith("blocks.1.")]
+    for chosen in (exclude, names):
+        pruned = prune(gm, 0.5, round_to=16, exclude=chosen, example_inputs=(ids,))
+        assert pruned.blocks[0]["mlp"].gate.out_features == 32 and pruned.blocks[1]["mlp"].gate.out_features == 48
+        assert pruned.blocks[1]["attn"].q.out_features == 32
 
 
 def test_importance_rules_follow_their_formulas():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Union
 
 from torch import fx
 
@@ -24,15 +24,21 @@ def matches(site: Site, selector: Selector) -> bool:
     """Whether one site is chosen by a selector (None chooses every site)."""
     if selector is None:
         return True
-    if isinstance(selector, str):
-        return fnmatch.fnmatchcase(site.name, selector)
-    if isinstance(selector, re.Pattern):
-        return selector.fullmatch(site.name) is not None
     if isinstance(selector, type):
         return isinstance(site.module, selector) or isinstance(site.caller, selector) or OP_TYPES.get(site.layer) is selector
+    return name_chosen(site.name, site, selector)
+
+
+def name_chosen(name: str, subject: Any, selector: Any) -> bool:
+    """Whether a selector by name chooses `subject` (a site, a channel group) called `name`: a glob, a
+    compiled regex matching the whole name, a callable of the subject, or a collection of names."""
+    if isinstance(selector, str):
+        return fnmatch.fnmatchcase(name, selector)
+    if isinstance(selector, re.Pattern):
+        return selector.fullmatch(name) is not None
     if callable(selector):
-        return bool(selector(site))
-    return site.name in selector
+        return bool(selector(subject))
+    return name in selector
 
 
 def _read_once(selector: Selector) -> Selector:

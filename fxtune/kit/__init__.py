@@ -7,6 +7,7 @@ removable unit, and `remove_channels` (slicing layers, adapters and literal size
 lands here: a pass needs something the core lacks — add it here once, not in two passes.
 """
 
+from ..graph.selection import name_chosen
 from .channel_groups import channel_groups
 from .channel_importance import unit_importance
 from .channel_surgery import remove_channels
@@ -19,6 +20,6 @@ from .working_copy import WorkingCopy
 
 __all__ = [
     "MaskSpec", "Restructure", "Rewrite", "WorkingCopy", "branch_is_cheaper", "centre_tap", "channel_groups", "channel_masks",
-    "checked_fraction", "factored_down", "masked_bias", "per_site", "plus_factored", "rank_and_scale", "remove_channels",
+    "checked_fraction", "factored_down", "masked_bias", "name_chosen", "per_site", "plus_factored", "rank_and_scale", "remove_channels",
     "unit_importance", "weight_mask",
 ]
