@@ -6,14 +6,16 @@ re-running a script rewrites only its own section.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -77,3 +79,41 @@ def write_section(name: str, text: str) -> None:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     RESULTS.write_text(new)
     print(f"wrote {RESULTS} ({name})", flush=True)
+
+
+def run_options(ap: argparse.ArgumentParser, *, repeats: int, quick_repeats: int, quick: str) -> None:
+    """The options every model benchmark takes: --repeats, --quick (described by `quick`), --write, --threads."""
+    ap.add_argument("--repeats", type=int, default=None, help=f"interleaved rounds (default {repeats}; {quick_repeats} with --quick)")
+    ap.add_argument("--quick", action="store_true", help=f"smoke run: {quick}; does not write RESULTS.md")
+    ap.add_argument("--write", action="store_true", help="write RESULTS.md even with --quick")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.set_defaults(default_repeats=(repeats, quick_repeats))
+
+
+def parse_run_options(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parsed arguments with --repeats resolved and checked and --threads applied."""
+    args = ap.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = args.default_repeats[1] if args.quick else args.default_repeats[0]
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def each_model(spec: str, bench: Callable[[str], Any]) -> list[Any]:
+    """bench(name) for each name of a comma-separated list, saying which one runs."""
+    results = []
+    for name in [m.strip() for m in spec.split(",") if m.strip()]:
+        print(f"[{name}] ...", file=sys.stderr, flush=True)
+        results.append(bench(name))
+        gc.collect()
+    return results
+
+
+def publish(name: str, text: str, args: argparse.Namespace) -> None:
+    """Prints the report and writes it as the script's RESULTS.md section, unless a --quick run without --write."""
+    print(text)
+    if not args.quick or args.write:
+        write_section(name, text)

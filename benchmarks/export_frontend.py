@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import sys
 import warnings
 
 import timm
@@ -22,7 +21,8 @@ from tabulate import tabulate
 
 import fxtune
 
-from _common import checkout, interleaved, load, machine, paired_ratio, write_section
+import _common as common
+from _common import checkout, interleaved, load, machine, paired_ratio
 
 # Three of the timm families issue 11 found symbolic tracing stopping on: EfficientViT (an autocast region
 # in its export graph, which crashed the old front end), FasterNet (a forward picked in __init__), ViT.
@@ -95,26 +95,14 @@ def report(results: list[dict], args: argparse.Namespace, load_start: str) -> st
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.run_options(ap, repeats=5, quick_repeats=1, quick="1 round")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated timm model names")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; 1 with --quick)")
     ap.add_argument("--size", type=int, default=None, help="input side in pixels (default: each model's own)")
     ap.add_argument("--all-dims", action="store_true", help="also time dynamic=True (every dim Dim.AUTO; slow)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round; does not write RESULTS.md")
-    ap.add_argument("--write", action="store_true", help="write RESULTS.md even with --quick")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    args = ap.parse_args(argv)
-    args.repeats = args.repeats or (1 if args.quick else 5)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = common.parse_run_options(ap, argv)
     load_start = load()
-    results = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        print(f"[{name}] ...", file=sys.stderr, flush=True)
-        results.append(bench_model(name, args.repeats, args.size, args.all_dims))
-    text = report(results, args, load_start)
-    print(text)
-    if not args.quick or args.write:
-        write_section("export_frontend", text)
+    results = common.each_model(args.models, lambda name: bench_model(name, args.repeats, args.size, args.all_dims))
+    common.publish("export_frontend", report(results, args, load_start), args)
 
 
 if __name__ == "__main__":

@@ -380,38 +380,25 @@ def report(results: list[dict], args: argparse.Namespace, load_start: str) -> st
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds per measurement (default 7; 2 with --quick)")
+    common.run_options(ap, repeats=7, quick_repeats=2, quick="batch 2 at 64×64")
     ap.add_argument("--models", default="resnet50,resnet50:channels_last,vit_b_16",
                     help="comma-separated resnet50 / vit_b_16, each optionally :channels_last (model and input in that layout)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: batch 2 at 64×64, 2 rounds; does not write RESULTS.md")
-    ap.add_argument("--write", action="store_true", help="write RESULTS.md even with --quick")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--raw", action="store_true", help="also print every round's time (ms) to stderr")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall (default) or cpu = process CPU time, steadier on a loaded machine with --threads 1")
-    args = ap.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 7
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = common.parse_run_options(ap, argv)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     load_start = common.load()
-    results = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        print(f"[{name}] ...", file=sys.stderr, flush=True)
-        results.append(bench_model(name, args.repeats, args.quick))
-        if args.raw:
-            for key in ("setup", "fwd", "train", "fold", "fused"):
-                rounds = {k: [round(v * 1e3, 1) for v in vs] for k, vs in results[-1][key].items()}
-                print(f"  {name} {key}: {rounds}", file=sys.stderr)
-        gc.collect()
-    text = report(results, args, load_start)
-    print(text)
-    if not args.quick or args.write:
-        common.write_section("lora_vs_peft", text)
+
+    def bench(name: str) -> dict:
+        result = bench_model(name, args.repeats, args.quick)
+        for key in ("setup", "fwd", "train", "fold", "fused") if args.raw else ():
+            rounds = {k: [round(v * 1e3, 1) for v in vs] for k, vs in result[key].items()}
+            print(f"  {name} {key}: {rounds}", file=sys.stderr)
+        return result
+
+    common.publish("lora_vs_peft", report(common.each_model(args.models, bench), args, load_start), args)
 
 
 if __name__ == "__main__":

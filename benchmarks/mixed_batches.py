@@ -11,7 +11,6 @@ import argparse
 import copy
 import datetime
 import statistics
-import sys
 
 import peft
 import torch
@@ -22,7 +21,8 @@ from torch import nn
 import fxtune
 from fxtune.passes import lora
 
-from _common import interleaved, load, machine, paired_ratio, write_section
+import _common as common
+from _common import interleaved, load, machine, paired_ratio
 
 ADAPTERS = {"task1": 4, "task2": 8, "task3": 16}  # name -> r; alpha = 2r (scale 2)
 BATCH = 16
@@ -163,24 +163,12 @@ def report(results: list[dict], args: argparse.Namespace, load_start: str) -> st
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 9; 3 with --quick)")
+    common.run_options(ap, repeats=9, quick_repeats=3, quick="small inputs")
     ap.add_argument("--models", default="mlp_stack,resnet18", help="comma-separated: mlp_stack,resnet18")
-    ap.add_argument("--quick", action="store_true", help="smoke run: small inputs; does not write RESULTS.md")
-    ap.add_argument("--write", action="store_true", help="write RESULTS.md even with --quick")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    args = ap.parse_args(argv)
-    args.repeats = args.repeats or (3 if args.quick else 9)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = common.parse_run_options(ap, argv)
     load_start = load()
-    results = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        print(f"[{name}] ...", file=sys.stderr, flush=True)
-        results.append(bench_model(name, args.repeats, args.quick))
-    text = report(results, args, load_start)
-    print(text)
-    if not args.quick or args.write:
-        write_section("mixed_batches", text)
+    results = common.each_model(args.models, lambda name: bench_model(name, args.repeats, args.quick))
+    common.publish("mixed_batches", report(results, args, load_start), args)
 
 
 if __name__ == "__main__":
