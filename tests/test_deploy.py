@@ -11,11 +11,11 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-import transformers
 from torch import nn
 
 import fxtune
 from core_helpers import MLP, assert_unchanged, snapshot
+from hf_models import bert
 from fxtune import ExportError, export_onnx, export_program
 from fxtune.passes import fuse, lora
 
@@ -133,15 +133,6 @@ def test_export_onnx_runs_in_onnxruntime_like_the_graphmodule(name, tmp_path):
             _assert_close(torch.from_numpy(np.asarray(y)), gm(x), 1e-4)
 
 
-def _bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=64,
-    )
-    return transformers.BertModel(config).eval()
-
-
 def _tokens(batch, length=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 99, (batch, length), generator=g)
@@ -153,7 +144,7 @@ def _tokens(batch, length=7, seed=1):
 def _bert_gm():
     """A tiny BERT through the export front end (its graph calls torch.export's `_guards_fn`), with LoRA."""
     ids, mask = _tokens(2)
-    gm = fxtune.trace(_bert(), frontend="export", example_inputs=(ids,), example_kwargs={"attention_mask": mask}, dynamic="batch")
+    gm = fxtune.trace(bert()[0], frontend="export", example_inputs=(ids,), example_kwargs={"attention_mask": mask}, dynamic="batch")
     return _random_adapters(lora(gm, targets=re.compile(r".*\.(query|value)"), r=4)), ids, mask
 
 

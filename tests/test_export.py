@@ -16,7 +16,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fxtune
-from core_helpers import Gate, Outer, assert_unchanged, lora_slots, randomize_lora, rel_err, snapshot, vision_model
+from hf_models import HF, bert, gpt2, t5, tokens
+from core_helpers import assert_unchanged, lora_slots, randomize_lora, rel_err, snapshot, vision_model
 from fxtune.graph.ownership import same_storage
 from fxtune.passes import fuse, lora
 
@@ -25,47 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::fxtune.FxtuneWarning")
 LINEAR_LIKE = (nn.Linear, Conv1D)
 
 
-def _tokens(shape=(2, 7), vocab=99, seed=1):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def bert(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=64,
-    )
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 5:] = 0  # padding: the mask takes part
-    return transformers.BertModel(config).eval(), (_tokens(),), {"attention_mask": mask}
-
-
-def gpt2(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
-        bos_token_id=0, eos_token_id=0,
-    )
-    return transformers.GPT2Model(config).eval(), (_tokens(),), {}
-
-
-def vit(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        image_size=16, patch_size=4, num_channels=3,
-    )
-    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    return transformers.ViTModel(config).eval(), (pixels,), {}
-
-
-def t5(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
-    return transformers.T5EncoderModel(config).eval(), (_tokens(),), {}
-
-
-HF = {"bert": bert, "gpt2": gpt2, "vit": vit, "t5": t5}
 
 
 def _trace(model, args, kwargs):
@@ -300,11 +260,11 @@ def test_named_dynamic_dims_run_other_sizes_and_out_of_range_is_refused():
     """dynamic= frees batch and sequence; what export fixed (BERT's 64 positions) is checked."""
     model, args, kwargs = bert()
     gm = fxtune.trace(model, frontend="export", example_inputs=args, example_kwargs=kwargs, dynamic=TOKENS)
-    ids, mask = _tokens((3, 11), seed=4), torch.ones(3, 11, dtype=torch.long)
+    ids, mask = tokens((3, 11), seed=4), torch.ones(3, 11, dtype=torch.long)
     with torch.no_grad():
         expected = _out(model(ids, attention_mask=mask))
         torch.testing.assert_close(_out(gm(ids, attention_mask=mask)), expected, rtol=1e-5, atol=1e-6)
-    too_long = _tokens((2, 65), seed=5)
+    too_long = tokens((2, 65), seed=5)
     with pytest.raises(Exception, match="64"):
         gm(too_long, attention_mask=torch.ones(2, 65, dtype=torch.long))
 
@@ -317,29 +277,13 @@ def test_shapes_are_static_unless_asked():
     with torch.no_grad():
         torch.testing.assert_close(_out(gm(*args, **kwargs)), _out(model(*args, **kwargs)), rtol=1e-5, atol=1e-6)
         with pytest.raises(Exception, match=r"input_ids\.size\(\)\[0\] == 2"):
-            gm(_tokens((3, 7)), attention_mask=torch.ones(3, 7, dtype=torch.long))
+            gm(tokens((3, 7)), attention_mask=torch.ones(3, 7, dtype=torch.long))
     batch = fxtune.trace(model, frontend="export", example_inputs=args, example_kwargs=kwargs, dynamic="batch")
-    ids, mask = _tokens((5, 7), seed=6), torch.ones(5, 7, dtype=torch.long)
+    ids, mask = tokens((5, 7), seed=6), torch.ones(5, 7, dtype=torch.long)
     with torch.no_grad():
         torch.testing.assert_close(_out(batch(ids, attention_mask=mask)), _out(model(ids, attention_mask=mask)), rtol=1e-5, atol=1e-6)
         with pytest.raises(Exception, match=r"size\(\)\[1\] == 7"):
-            batch(_tokens((5, 8)), attention_mask=torch.ones(5, 8, dtype=torch.long))
-
-
-@pytest.mark.parametrize(
-    "dynamic, message",
-    [
-        ({"pixels": {0: "batch"}}, r"names \['pixels'\], which are not inputs"),
-        ({"input_ids": {2: "batch"}}, r"does not fit input 'input_ids' of shape \(2, 7\)"),
-        ({"input_ids": ("batch",)}, "does not fit"),
-        ({"input_ids": "batch"}, "give a dict"),
-        ("everything", "dynamic= takes 'batch'"),
-    ],
-)
-def test_dynamic_argument_errors(dynamic, message):
-    model, args, kwargs = bert()
-    with pytest.raises(fxtune.TraceError, match=message):
-        fxtune.trace(model, frontend="export", example_inputs=args, example_kwargs=kwargs, dynamic=dynamic)
+            batch(tokens((5, 8)), attention_mask=torch.ones(5, 8, dtype=torch.long))
 
 
 class Stateful(nn.Module):
@@ -366,59 +310,4 @@ def test_training_mode_statistics_update_the_copy_only():
     torch.testing.assert_close(gm(x), reference(x))  # batch statistics, and running stats move
     torch.testing.assert_close(gm.bn.running_mean, reference.bn.running_mean)
     assert gm.bn.num_batches_tracked.item() == 1
-    assert_unchanged(model, snap)
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-def test_export_without_example_inputs_says_to_pass_them():
-    model = Outer()
-    snap = snapshot(model)
-    with pytest.raises(fxtune.TraceError, match="example_inputs="):
-        fxtune.trace(model, frontend="export")
-    assert_unchanged(model, snap)
-
-
-def test_data_dependent_control_flow_names_module_and_line():
-    model = Outer()
-    snap = snapshot(model)
-    with pytest.raises(fxtune.TraceError) as info:
-        fxtune.trace(model, frontend="export", example_inputs=(torch.randn(2, 4),))
-    message = str(info.value)
-    assert "block.1" in message and "Gate" in message and "core_helpers.py" in message
-    assert "torch.where" in message and "use_cache=False" in message
-    assert_unchanged(model, snap)
-
-
-def test_hf_cache_output_says_use_cache_false():
-    model, args, _ = gpt2()
-    model.config.use_cache = True
-    snap = snapshot(model)
-    with pytest.raises(fxtune.TraceError, match="use_cache") as info:
-        fxtune.trace(model, frontend="export", example_inputs=args)
-    assert "DynamicCache" in str(info.value)
-    assert_unchanged(model, snap)
-
-
-def test_fx_failure_suggests_export_front_end():
-    model = Outer()
-    with pytest.raises(fxtune.TraceError, match="frontend='export'"):
-        fxtune.trace(model)
-
-
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda m: fxtune.trace(m, frontend="export", example_inputs=(torch.randn(2, 4),), leaf_modules=[Gate]),
-        lambda m: fxtune.trace(m, frontend="export", example_inputs="not inputs"),
-        lambda m: fxtune.trace(m, frontend="fx", dynamic="batch"),
-    ],
-    ids=["leaf-modules", "bad-inputs", "dynamic-with-fx"],
-)
-def test_front_end_argument_errors(call):
-    model = Outer()
-    snap = snapshot(model)
-    with pytest.raises(fxtune.TraceError):
-        call(model)
     assert_unchanged(model, snap)

@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 from torch import nn
 
@@ -22,6 +21,7 @@ from fxtune import load, save
 from fxtune import GraphFileError
 from fxtune.passes import dora, fold_bn, fuse, ia3, lora, low_rank, slice_delta, sp_lopa, svdiff
 from graph_file_helpers import TOKENS, Scaled, WithLeaf, assert_same_graph_module, gradients, tied_net
+from hf_models import bert, gpt2
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxtune.FxtuneWarning")
 
@@ -218,18 +218,9 @@ class Wrapped(nn.Module):
         return halve(torch.relu(x))
 
 
-def _bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=37, max_position_embeddings=64)
-    tokens = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 5:] = 0
-    return transformers.BertModel(config).eval(), tokens, mask
-
-
 def test_export_front_end_bert_round_trip_and_pickling(tmp_path):
-    model, tokens, mask = _bert()
+    model, (tokens,), kwargs = bert()
+    mask = kwargs["attention_mask"]
     traced = fxtune.trace(model, frontend="export", example_inputs=(tokens,), example_kwargs={"attention_mask": mask})
     gm = lora(traced, r=2, targets="encoder.*")
     loaded = round_trip(gm, tmp_path)
@@ -252,10 +243,7 @@ def test_export_front_end_bert_round_trip_and_pickling(tmp_path):
 def test_export_front_end_gpt2_needs_allow_for_conv1d(tmp_path):
     from transformers.pytorch_utils import Conv1D
 
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False)
-    model = transformers.GPT2Model(config).eval()
-    tokens = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    model, (tokens,), _ = gpt2()
     gm = lora(fxtune.trace(model, frontend="export", example_inputs=(tokens,)), r=2)
     save(gm, tmp_path / "d")
     with pytest.raises(GraphFileError, match=r"Conv1D.*allow="):
