@@ -139,6 +139,18 @@ class Grouped(nn.Module):
         return self.out(torch.relu(self.g(torch.relu(self.c(x))))).mean((2, 3))
 
 
+class OuterSlice(nn.Module):
+    """One getitem slices two channel dims at once (an outer product's corner): groups "f1" and "f2"."""
+
+    def __init__(self):
+        super().__init__()
+        self.f1, self.f2, self.f3 = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(6, 3)
+
+    def forward(self, x):
+        outer = self.f1(x)[:, :, None] * self.f2(x)[:, None, :]
+        return self.f3(outer[:, :6, :6].sum(2))
+
+
 class FlattenLinear(nn.Module):
     """Group "c": each of its 4 channels is a block of 4 features (2×2) of fc's input."""
 

@@ -180,6 +180,16 @@ def test_ratio_removes_the_lowest_l2_units_and_keeps_multiples_of_round_to():
     assert "excluded" in report
 
 
+def test_a_getitem_slicing_two_pruned_dims_keeps_both_edits():
+    model, x = nets.randomize(nets.OuterSlice()), torch.randn(2, 4)
+    keep_1, keep_2 = torch.tensor([1, 1, 0, 1, 1, 1, 1, 1], dtype=torch.bool), torch.tensor([1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    pruned = prune(fxtune.trace(model), masks={"f1": keep_1, "f2": keep_2}, example_inputs=(x,))
+    masked = zeroed(model, [("f1.weight", 0, gone(keep_1)), ("f1.bias", 0, gone(keep_1)),
+                            ("f2.weight", 0, gone(keep_2)), ("f2.bias", 0, gone(keep_2))])
+    close(pruned(x), masked(x))
+    torch.testing.assert_close(pruned.f3.weight, model.f3.weight[:, keep_1[:6]])
+
+
 @pytest.mark.parametrize("exclude", [
     "blocks.1.*", re.compile(r"blocks\.1\..*"), lambda group: group.name.startswith("blocks.1."),
 ], ids=["glob", "regex", "callable"])

@@ -70,6 +70,7 @@ class Surgery:
         self.literals = literals
         self.constants = constants or {}
         self.modules = dict(gm.named_modules())
+        self.indices: dict[str, list] = {}  # getitem node -> its index as edited so far (several dims may be sliced)
 
     def run(self) -> fx.GraphModule:
         slots = all_slots(self.gm)
@@ -190,7 +191,7 @@ class Surgery:
         elif kind == "split":
             _edit_split(node, dim, literal.extra, gone)
         elif kind == "slice":
-            _edit_slice(node, literal.extra, gone, size)
+            _edit_slice(node, literal.extra, gone, self.indices)
         elif kind == "norm_shape":
             shape = list(node.args[1])
             shape[dim] -= gone.numel()
@@ -274,12 +275,13 @@ def _edit_split(node: fx.Node, dim: int, sizes: list[int], gone: Tensor) -> None
         node.target, node.args, node.kwargs = torch.split, (x, new, dim), {}
 
 
-def _edit_slice(node: fx.Node, extra: tuple, gone: Tensor, size: int) -> None:
+def _edit_slice(node: fx.Node, extra: tuple, gone: Tensor, indices: dict[str, list]) -> None:
+    """Moves a slice's bounds past the removed positions; a getitem's index keeps earlier edits of other dims."""
     name, start, stop = extra[:3]
     before = lambda i: int((gone < i).sum())  # noqa: E731 - removed positions before index i
     new_start, new_stop = start - before(start), stop - before(stop)
     if name == "getitem":
-        position, parts = extra[3], list(extra[4])
+        position, parts = extra[3], indices.setdefault(node.name, list(extra[4]))
         parts[position] = slice(new_start, new_stop, None)
         node.args = (node.args[0], tuple(parts))
     elif name == "narrow":
