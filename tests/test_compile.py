@@ -154,6 +154,19 @@ def test_hotswap_keeps_what_was_trained_on_the_live_adapter():
     assert counter.frame_count == 1  # calls with gradients only: grad mode is part of every compiled graph's guard
 
 
+def test_a_prepared_graphmodule_saves_and_loads_and_swaps_as_before(tmp_path):
+    model, x = _net(), _x()
+    live = prepare_hotswap(_with_lora(_with_lora(fxtune.trace(model), "a", seed=0), "b", seed=1))
+    hotswap(live, "b")
+    fxtune.save(live, tmp_path / "live")
+    loaded = fxtune.load(tmp_path / "live")
+    assert live_source(loaded) == "b" and loaded.code == live.code
+    _assert_matches(loaded(x), _lora_reference(model, live, "b", x))
+    hotswap(loaded, "a")
+    assert live_source(loaded) == "a" and live_source(live) == "b"
+    _assert_matches(loaded(x), _lora_reference(model, live, "a", x))
+
+
 def test_hotswap_takes_values_from_another_graphmodule():
     model, x = _net(), _x()
     live = prepare_hotswap(_with_lora(fxtune.trace(model), "a", seed=0))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import difflib
 import keyword
-from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -28,15 +27,9 @@ from .base_weights import replaced_by
 from .realise import rebuild
 from .slots import AdapterSlot, add_slot, all_slots
 
-STATE = RECORD_PREFIX + "hotswap:"  # + live name: a _Live record in the GraphModule's __dict__ (clones copy it)
-
-
-@dataclass
-class _Live:
-    """Which adapter's values a live adapter holds, and the adapters whose code was checked to match."""
-
-    source: str | None
-    checked: frozenset[str]
+# + live name: a record in the GraphModule's __dict__ (clones copy it; graph files save it, so it is plain data):
+# {"source": the adapter whose values the live one holds, or None; "checked": adapters whose code was checked to match}
+STATE = RECORD_PREFIX + "hotswap:"
 
 
 def prepare_hotswap(gm: fx.GraphModule, adapters: str | Iterable[str] | None = None, *, live: str = "live") -> fx.GraphModule:
@@ -67,11 +60,11 @@ def prepare_hotswap(gm: fx.GraphModule, adapters: str | Iterable[str] | None = N
         twin.order = min(_slots_of(gm, name)[target].order for name in bank)
         add_slot(gm, twin)
     rebuild(gm, site_table(gm), set(originals))
-    gm.__dict__[STATE + live] = _Live(source, frozenset())
+    gm.__dict__[STATE + live] = {"source": source, "checked": []}
     for name in bank:
         if name != source:
             _check_code(gm, live, name)
-    gm.__dict__[STATE + live].checked = frozenset(bank)
+    gm.__dict__[STATE + live]["checked"] = sorted(bank)
     return gm
 
 
@@ -95,23 +88,23 @@ def hotswap(gm: nn.Module, adapter: str, *, live: str = "live", source: fx.Graph
         raise AdapterError(f"adapter '{adapter}' is merged into the weights; fxtune.unmerge it first")
     _check_base_kept(origin, [adapter], wanted)
     _check_alike(lives, wanted, live, adapter)
-    if origin is not gm or adapter not in state.checked:
+    if origin is not gm or adapter not in state["checked"]:
         _check_code(gm, live, adapter, wanted)
         if origin is gm:
-            state.checked = state.checked | {adapter}
-    held = state.source
+            state["checked"] = sorted({*state["checked"], adapter})
+    held = state["source"]
     with torch.no_grad():
         if held is not None and held in {s.adapter for s in all_slots(gm)}:
             for target, slot in _slots_of(gm, held).items():
                 _copy_tensors(lives[target], slot)
         for target, slot in wanted.items():
             _copy_tensors(slot, lives[target])
-    state.source = adapter if origin is gm else None
+    state["source"] = adapter if origin is gm else None
 
 
 def live_source(gm: nn.Module, *, live: str = "live") -> str | None:
     """The adapter of `gm` whose values the live adapter holds (None after a swap from another GraphModule)."""
-    return _state(_unwrapped(gm), live).source
+    return _state(_unwrapped(gm), live)["source"]
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -125,7 +118,7 @@ def _unwrapped(module: nn.Module) -> nn.Module:
             return module
 
 
-def _state(gm: fx.GraphModule, live: str) -> _Live:
+def _state(gm: fx.GraphModule, live: str) -> dict:
     """The record `prepare_hotswap` left: which adapter the live one holds, which were checked."""
     state = gm.__dict__.get(STATE + live)
     if state is None:
