@@ -8,6 +8,7 @@ out here for the adapted weights.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -104,6 +105,17 @@ def test_lora_on_one_part_against_the_formula_then_fuse_and_load_back():
     fresh.load_state_dict(fused.state_dict(), strict=True)
     torch.testing.assert_close(fresh(X), y, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_adapter_file_breaking_its_schema_is_refused_on_parts(tmp_path):
+    """As on a GraphModule (test_adapter_files_strict.py): the whole file is checked, not only each part's records."""
+    model = _model()
+    fxtune.save_adapters(lora(fxtune.trace(model, parts=["encoder", "head"]), targets="head.*", r=2), tmp_path)
+    meta = json.loads((tmp_path / "adapters.json").read_text())
+    meta["slots"].append("junk")
+    (tmp_path / "adapters.json").write_text(json.dumps(meta))
+    with pytest.raises(fxtune.AdapterError, match="JSON str"):
+        fxtune.load_adapters(fxtune.trace(model, parts=["encoder", "head"]), tmp_path)
 
 
 def test_adapter_files_lifecycle_and_strategies_on_parts(tmp_path):

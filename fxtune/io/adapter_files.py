@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..adapter.kinds import registered_kinds
-from ..adapter.slots import AdapterSlot, all_slots, require_adapters
+from ..adapter.slots import AdapterSlot, all_slots
 from ..errors import AdapterError
 from ..graph.discovery import site_table
 from ..graph.parts import is_parted, parts_of, with_parts
@@ -212,7 +212,10 @@ def apply_adapter_state(
     `saved_settings` ({target: config} as saved with the tensors), if given, must equal the JSON's settings.
     On a model traced in parts, each part gets the records of its own sites.
     """
-    if is_parted(gm) and isinstance(meta, dict) and isinstance(meta.get("slots"), list):
+    if is_parted(gm):
+        problems = schema_problems(meta)  # the whole file first: per part, only records of its sites are checked
+        if problems:
+            raise AdapterError(f"cannot re-create {source} on this model:\n  " + "\n  ".join(problems))
         return _apply_to_parts(gm, meta, tensors, adapter, source, saved_settings)
     problems = _check(gm, meta, tensors, saved_settings)
     if problems:
@@ -233,7 +236,7 @@ def apply_adapter_state(
 def _apply_to_parts(gm: nn.Module, meta: dict, tensors: dict, adapter: str | None, source: str, saved_settings: Any) -> nn.Module:
     """apply_adapter_state on every part holding some of the records' weights; a weight no part has is refused."""
     owners = {s.weight_name: path for path, part in parts_of(gm) for s in site_table(part)}
-    records = [r for r in meta["slots"] if isinstance(r, dict)]
+    records = meta["slots"]
     strays = sorted({str(r.get("target")) for r in records if r.get("target") not in owners})
     if strays:
         raise AdapterError(f"cannot re-create {source} on this model: no part has the weights {strays}")
