@@ -78,6 +78,7 @@ def test_reading_the_code_generates_it_from_the_current_graph():
 def test_before_first_use_forward_has_the_model_signature_and_the_type_is_unchanged():
     gm = _adapted(Net())
     assert list(inspect.signature(gm.forward).parameters) == ["image", "shift"]
+    assert list(inspect.signature(type(_adapted(Net())).forward).parameters) == ["self", "image", "shift"]
     assert type(gm).__name__ == "Net" and type(gm).__mro__[1] is fx.GraphModule
 
 
@@ -106,6 +107,15 @@ def test_an_explicit_recompile_after_editing_the_graph_takes_effect():
     gm.recompile()
     torch.testing.assert_close(gm(x), 2 * before)
     assert "torch.mul(" in gm.code
+
+
+def test_fx_symbolic_trace_of_a_graphmodule_without_code_yet():
+    """fx's tracer reads forward on the class; it gets the generated one, not a stand-in taking *args
+    (a traced model: adapted code calls fxtune.ops functions that fx would trace into)."""
+    model, x = Net(), torch.randn(2, 3, 6, 6)
+    gm = fxtune.trace(model)
+    retraced = fx.symbolic_trace(gm)
+    torch.testing.assert_close(retraced(x, 0.5), model(x, 0.5))
 
 
 def test_torch_export_of_a_graphmodule_without_code_yet():

@@ -9,6 +9,7 @@ it is done on the GraphModule's own class (fx makes one per instance), so its ty
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from torch import fx
@@ -22,12 +23,17 @@ class _OnFirstUse:
     """Stands on the class for an attribute `recompile` sets: reading it generates the code (once;
     `recompile` then replaces `forward` on the class and sets the others on the instance)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, gm: fx.GraphModule):
         self.name = name
+        self.gm = weakref.ref(gm)  # fx makes a class per GraphModule: read on the class, this is its instance
 
     def __get__(self, gm: fx.GraphModule | None, owner: type | None = None) -> Any:
-        if gm is None:  # read on the class (e.g. by inspection): a function that generates, then runs
-            return _forward_on_first_use if self.name == "forward" else self
+        if gm is None:  # read on the class (fx's tracer, inspect): the real forward, with its signature
+            gm = self.gm()
+            if gm is None or self.name != "forward":
+                return _forward_on_first_use if self.name == "forward" else self
+            gm.recompile()
+            return getattr(owner, self.name)
         gm.recompile()
         return getattr(gm, self.name)
 
@@ -49,5 +55,5 @@ def generate_code_on_first_use(gm: fx.GraphModule) -> fx.GraphModule:
         gm.__dict__.pop(name, None)
     cls = type(gm)
     for name in (*_GENERATED, "forward"):
-        setattr(cls, name, _OnFirstUse(name))
+        setattr(cls, name, _OnFirstUse(name, gm))
     return gm
