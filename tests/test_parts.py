@@ -107,6 +107,31 @@ def test_lora_on_one_part_against_the_formula_then_fuse_and_load_back():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+class LayerHead(nn.Module):
+    """Traces only in parts (a value-dependent branch), and one part is a bare layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.backbone(x)
+        return self.head(y) if float(y.sum()) > -1e9 else y
+
+
+def test_a_part_that_is_a_layer_is_the_site_named_by_its_path():
+    torch.manual_seed(0)
+    model, x = LayerHead(), torch.randn(2, 4)
+    parted = fxtune.trace(model, parts=["backbone", "head"])
+    assert [s.name for s in fxtune.sites(parted)] == ["backbone.0", "head"]
+    adapted = lora(parted, targets="head", r=2)
+    _randomize(adapted)
+    slot = adapted.head.fxtune.default.head
+    expected = functional_call(model, {"head.weight": model.head.weight + slot.lora_b @ slot.lora_a}, (x,))
+    torch.testing.assert_close(adapted(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fuse(adapted)(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_an_adapter_file_breaking_its_schema_is_refused_on_parts(tmp_path):
     """As on a GraphModule (test_adapter_files_strict.py): the whole file is checked, not only each part's records."""
     model = _model()

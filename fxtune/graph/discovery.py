@@ -252,7 +252,7 @@ def _uses(gm: fx.GraphModule) -> list[_Use]:
 def discover_sites(gm: fx.GraphModule) -> list[Site]:
     """Every call site of gm in graph order, including ones fxtune has already rewritten. In a part of a
     model traced in parts, names are paths in the whole model (`backbone.body.conv1`); references stay gm's."""
-    prefix = gm.meta.get(PART, "") + "." if isinstance(getattr(gm, "meta", None), dict) and gm.meta.get(PART) else ""
+    part = gm.meta.get(PART) or "" if isinstance(getattr(gm, "meta", None), dict) else ""
     uses = _uses(gm)
     groups: dict[tuple, list[_Use]] = {}
     for use in uses:
@@ -260,17 +260,17 @@ def discover_sites(gm: fx.GraphModule) -> list[Site]:
     canonical: dict[tuple, tuple[str, WeightRef]] = {}
     for key, group in groups.items():
         keep = sorted({u.geometry.padding_idx for u in group if u.layer == "embedding" and u.geometry.padding_idx is not None})
-        canonical[key] = (prefix + group[0].natural, replace(group[0].ref, keep=tuple(keep)))
+        canonical[key] = (join(part, group[0].natural), replace(group[0].ref, keep=tuple(keep)))
     found, calls = [], {}
     for use in uses:
         weight_name, weight_ref = canonical[(id(use.tensor), use.ref.rows)]
         count = calls.get(use.natural, 0)
         calls[use.natural] = count + 1
         found.append(Site(
-            name=prefix + (use.natural if count == 0 else f"{use.natural}@{count}"), weight_name=weight_name, node=use.node,
+            name=join(part, use.natural) + (f"@{count}" if count else ""), weight_name=weight_name, node=use.node,
             module=use.module, layer=use.layer, weight_ref=weight_ref, use_ref=use.ref, call=use.call,
             shape=use.ref.canonical_shape(use.tensor.shape), geometry=use.geometry, has_bias=use.has_bias,
-            caller=use.caller, caller_path=prefix + use.caller_path if use.caller_path else "", label=use.label,
+            caller=use.caller, caller_path=join(part, use.caller_path) if use.caller_path else "", label=use.label,
             device=use.tensor.device,
         ))
     return found

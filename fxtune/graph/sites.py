@@ -32,8 +32,8 @@ PART = "fxtune_part"  # gm.meta of a GraphModule traced as a part of a model: it
 
 
 def join(owner: str, name: str) -> str:
-    """A dotted path: `owner.name`, or `name` at the root."""
-    return f"{owner}.{name}" if owner else name
+    """A dotted path: `owner.name`, `name` at the root, `owner` itself when name is empty."""
+    return f"{owner}.{name}" if owner and name else owner or name
 
 
 def identifier(name: str) -> str:

@@ -42,6 +42,8 @@ class WorkingCopy:
         """Where a weight's module is in this GraphModule: its name, less the part's path when the
         GraphModule is a part of a model traced in parts (whose sites are named as in the whole)."""
         part = self.gm.meta.get(PART)
+        if part and weight_name == part:  # the part is the layer itself
+            return ""
         return weight_name[len(part) + 1:] if part and weight_name.startswith(part + ".") else weight_name
 
     def forget_sites(self) -> None:
