@@ -157,6 +157,8 @@ def test_adapter_files_lifecycle_and_strategies_on_parts(tmp_path):
     manual = fxtune.delete_adapter(both, "b")
     torch.testing.assert_close(only_a(X), manual(X))
     merged = fxtune.merge(both)
+    by_generator = fxtune.merge(both, (n for n in ["a", "b"]))  # names read once, for every part
+    assert [a.merged for a in fxtune.adapters(by_generator)] == [True, True]
     torch.testing.assert_close(merged(X), both(X), rtol=1e-5, atol=1e-6)
     assert torch.equal(fxtune.unmerge(merged)(X), both(X))
     torch.testing.assert_close(fuse(both, ["a"])(X), only_a(X), rtol=1e-5, atol=1e-6)

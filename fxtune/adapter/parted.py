@@ -34,6 +34,8 @@ def by_adapter(fn: Callable, *, absent: str) -> Callable:
         if not is_parted(gm):
             return fn(gm, *args, **kwargs)
         names = args[0] if args else kwargs.get(names_param)
+        if names is not None and not isinstance(names, str):
+            names = list(names)  # read once: a generator would be spent by the first part
         rest = {k: v for k, v in kwargs.items() if k != names_param}
         held = {path: adapter_names(part) for path, part in parts_of(gm)}
         every = sorted(set().union(*held.values()))
