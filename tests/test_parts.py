@@ -132,6 +132,14 @@ def test_a_part_that_is_a_layer_is_the_site_named_by_its_path():
     torch.testing.assert_close(fuse(adapted)(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_parts_record_their_inputs_from_keyword_examples_alone():
+    torch.manual_seed(0)
+    model, x = LayerHead(), torch.randn(2, 4)
+    parted = fxtune.trace(model, parts=["backbone", "head"], frontend="export", example_kwargs={"x": x})
+    assert parted.backbone.meta["fxtune_frontend"] == parted.head.meta["fxtune_frontend"] == "export"
+    torch.testing.assert_close(parted(x), model(x))
+
+
 def test_an_adapter_file_breaking_its_schema_is_refused_on_parts(tmp_path):
     """As on a GraphModule (test_adapter_files_strict.py): the whole file is checked, not only each part's records."""
     model = _model()

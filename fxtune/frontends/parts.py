@@ -18,6 +18,7 @@ from ..errors import TraceError
 from ..graph.ownership import own_module_tree, replace_submodule
 from ..graph.parts import PARTS
 from ..graph.sites import PART
+from .torch_export import example_args
 
 
 def _check(model: nn.Module, parts: list[str]) -> None:
@@ -41,10 +42,10 @@ def _recorded_inputs(model: nn.Module, parts: list[str], example_inputs: Any, ex
         def record(module, args, kwargs, path=path):
             seen.setdefault(path, (args, kwargs))
         handles.append(model.get_submodule(path).register_forward_pre_hook(record, with_kwargs=True))
-    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    args, kwargs = example_args(example_inputs, example_kwargs)
     try:
         with torch.no_grad():
-            model(*args, **(example_kwargs or {}))
+            model(*args, **kwargs)
     except Exception as exc:  # the model's own error: say so, with what it said
         raise TraceError(f"running the model on the example inputs to record its parts' inputs failed: "
                          f"{type(exc).__name__}: {exc}") from exc
@@ -63,7 +64,8 @@ def trace_parts(model: nn.Module, parts: list[str], trace_one: Callable[..., fx.
     """`model` with each of `parts` traced by `trace_one(module, example_inputs=..., example_kwargs=..., **options)`."""
     parts = list(parts)
     _check(model, parts)
-    recorded = _recorded_inputs(model, parts, example_inputs, example_kwargs) if example_inputs is not None else {}
+    given = example_inputs is not None or bool(example_kwargs)
+    recorded = _recorded_inputs(model, parts, example_inputs, example_kwargs) if given else {}
     owned = own_module_tree(model, freeze=True)
     for path in parts:
         args, kwargs = recorded.get(path, (None, None))

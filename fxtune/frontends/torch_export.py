@@ -56,16 +56,21 @@ def _examples(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, 
             "fxtune.trace(model, frontend='export', example_inputs=(input_ids,), "
             "example_kwargs={'attention_mask': mask}) with tensors shaped like real ones"
         )
+    return example_args(example_inputs, example_kwargs)
+
+
+def example_args(example_inputs: Any, example_kwargs: dict | None, *, error: type[Exception] = TraceError,
+                 of: str = "the model's") -> tuple[tuple, dict]:
+    """(args, kwargs) from example inputs as users give them: a lone tensor is one input, None none;
+    anything else raises `error`."""
     if example_inputs is None:
         example_inputs = ()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
-        raise TraceError(
-            f"example_inputs must be a tuple of the model's positional inputs, got {type(example_inputs).__name__}"
-        )
+        raise error(f"example_inputs must be a tuple of {of} positional inputs, got {type(example_inputs).__name__}")
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
-        raise TraceError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
+        raise error(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
     return tuple(example_inputs), dict(example_kwargs or {})
 
 

@@ -19,6 +19,7 @@ from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
 from ..errors import ExportError, warn
+from ..frontends.torch_export import example_args
 
 ONNX_INSTALL = 'pip install "fxtune[onnx]"'
 
@@ -38,7 +39,7 @@ def export_program(
     torch.export's format, overrides it). Raises ExportError when export fails or when any output
     differs by more than `tolerance` × max(1, |output|) from gm's. gm keeps its state (buffers included).
     """
-    args, kwargs = _examples(example_inputs, example_kwargs)
+    args, kwargs = example_args(example_inputs, example_kwargs, error=ExportError, of="gm's")
     if dynamic_shapes is None and dynamic_batch:
         dynamic_shapes = _batch_shapes(gm, args, kwargs)
     try:
@@ -66,7 +67,7 @@ def export_onnx(
     for package in ("onnx", "onnxscript"):
         if importlib.util.find_spec(package) is None:
             raise ExportError(f"export_onnx needs the optional package '{package}': {ONNX_INSTALL}")
-    args, kwargs = _examples(example_inputs, example_kwargs)
+    args, kwargs = example_args(example_inputs, example_kwargs, error=ExportError, of="gm's")
     program = export_program(
         gm, args, example_kwargs=kwargs, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes, tolerance=tolerance
     )
@@ -88,19 +89,6 @@ def export_onnx(
     expected = _run_kept(gm, gm, args, kwargs)
     _compare(expected, _run_onnx(path, program, args, _in_signature_order(gm, kwargs)), tolerance, f"the ONNX file {path} (onnxruntime)")
     return path
-
-
-def _examples(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
-    """The positional and keyword example inputs; a lone tensor counts as one input."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if example_inputs is None:
-        example_inputs = ()
-    if not isinstance(example_inputs, (tuple, list)):
-        raise ExportError(f"example_inputs must be a tuple of gm's positional inputs, got {type(example_inputs).__name__}")
-    if example_kwargs is not None and not isinstance(example_kwargs, dict):
-        raise ExportError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
-    return tuple(example_inputs), dict(example_kwargs or {})
 
 
 def _batch_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
