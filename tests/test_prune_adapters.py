@@ -86,6 +86,18 @@ def test_kinds_that_cannot_be_sliced_are_refused_with_fuse_first(resnet):
             prune(adapted, masks=masks, example_inputs=(X,))
 
 
+def test_only_a_replaced_base_weight_is_refused_not_other_fxtune_records(resnet):
+    """PiSSA keeps the traced weight to restore it: refused. A hotswap-prepared GraphModule keeps a record on
+    its root too, which says nothing about its weights: it prunes like the graph it was prepared from."""
+    _, gm, masks = resnet
+    with pytest.raises(fxtune.StructureError, match="replaced the base weight of 'fc'"):
+        prune(lora(gm, targets=["fc"], r=2, init="pissa"), masks=masks, example_inputs=(X,))
+    adapted = trained(lora(lora(gm, targets=["fc"], r=2, adapter="a"), targets=["fc"], r=2, adapter="b"))
+    live = fxtune.prepare_hotswap(adapted, ["a", "b"])  # the live adapter holds a's values, b is stored inactive
+    only_a = fxtune.set_active(adapted, "a")
+    torch.testing.assert_close(prune(live, masks=masks, example_inputs=(X,))(X), prune(only_a, masks=masks, example_inputs=(X,))(X))
+
+
 def test_splopa_blocks_follow_whole_channel_blocks_only():
     model = nets.randomize(nets.Residual())
     gm = sp_lopa(fxtune.trace(model), targets=["b"], r=1, num_prototypes=2, block=(2, 9))

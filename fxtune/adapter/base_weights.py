@@ -65,6 +65,11 @@ def replaced_by(store: Weights, ref: WeightRef) -> str | None:
     return None if kept is None else kept["by"]
 
 
+def holds_replaced_weights(module: object) -> bool:
+    """Whether an adapter replaced a base weight this module owns (a record other fxtune state is not)."""
+    return any(key.startswith(ORIGINAL) for key in vars(module))
+
+
 def replacement(store: Weights, ref: WeightRef) -> torch.Tensor | None:
     """The replacement base weight in the canonical view, if an adapter made one."""
     kept = _records(store, ref).get(_key(ORIGINAL, ref))

@@ -17,6 +17,7 @@ from torch import Tensor, fx, nn
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from ..adapter.base_weights import holds_replaced_weights
 from ..adapter.kinds import get_kind
 from ..adapter.realise import rebuild
 from ..adapter.slots import AdapterSlot, all_slots
@@ -24,8 +25,9 @@ from ..adapter.strip import strip_sites
 from ..errors import StructureError
 from ..graph.channels.groups import ChannelGroup
 from ..graph.channels.names import op_name, sizes_arg
-from ..graph.discovery import site_table
-from ..graph.signatures import FUNCTIONS
+from ..graph.discovery import is_conv1d, site_table
+from ..graph.signatures import replace_argument
+from ..graph.sites import join
 from .channel_compensate import compensate_constants
 from .restructure import Restructure
 
@@ -116,26 +118,22 @@ class Surgery:
 
     def _add_to_bias(self, site: Any, delta: Tensor) -> None:
         """Adds `delta` to a site's bias, giving the layer a bias if it had none (its rows then follow the weight's)."""
-        if site.own.bias is not None:
-            old = self._tensor(site.own.bias)
+        if site.use_ref.bias is not None:
+            old = self._tensor(site.use_ref.bias)
             self._replace(old, nn.Parameter(old.detach() + delta.to(old.dtype), requires_grad=old.requires_grad))
             return
-        owner = self.modules[site.own.owner]
-        name = "bias" if "bias" not in owner._parameters or owner._parameters["bias"] is None else f"{site.own.param}_bias"
+        owner = self.modules[site.use_ref.owner]
+        name = "bias" if "bias" not in owner._parameters or owner._parameters["bias"] is None else f"{site.use_ref.param}_bias"
         owner._parameters[name] = nn.Parameter(delta.clone(), requires_grad=False)
-        path = f"{site.own.owner}.{name}" if site.own.owner else name
-        out_axis = 1 if site.own.transposed else 0
-        if (site.own.path, out_axis) in self.removals:
-            self.removals[(path, 0)] = self.removals[(site.own.path, out_axis)]
+        path = join(site.use_ref.owner, name)
+        out_axis = 1 if site.use_ref.transposed else 0
+        if (site.use_ref.path, out_axis) in self.removals:
+            self.removals[(path, 0)] = self.removals[(site.use_ref.path, out_axis)]
         if site.call == "function":
             node = next(n for n in self.gm.graph.nodes if n.name == site.node.name)
             with self.gm.graph.inserting_before(node):
                 getter = self.gm.graph.get_attr(path)
-            index = FUNCTIONS[node.target].names.index("bias")
-            if index < len(node.args):
-                node.args = (*node.args[:index], getter, *node.args[index + 1:])
-            else:
-                node.kwargs = {**node.kwargs, "bias": getter}
+            replace_argument(node, "bias", getter)
 
     def _replace(self, old: Tensor, new: Tensor) -> None:
         for module in self.modules.values():
@@ -313,7 +311,7 @@ def fix_attributes(module: nn.Module, old_shapes: dict[str, tuple[int, ...]]) ->
         module.num_channels = weight.shape[0]
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = weight.shape
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    elif is_conv1d(module) and hasattr(module, "nf"):
         module.nf = weight.shape[1]
 
 
@@ -325,8 +323,8 @@ def _declared(slot: AdapterSlot, site: Any) -> dict:
 
 def _site_removals(site: Any, removals: Removals) -> dict[str, Tensor]:
     """Removed rows ("out"), weight columns ("in_group") and input channels ("in") of a site's canonical weight."""
-    path = site.ref.path
-    out_axis, in_axis = (1, 0) if site.ref.transposed else (0, 1)
+    path = site.weight_ref.path
+    out_axis, in_axis = (1, 0) if site.weight_ref.transposed else (0, 1)
     rows = removals.get((path, out_axis), torch.zeros(0, dtype=torch.long))
     cols = removals.get((path, in_axis), torch.zeros(0, dtype=torch.long))
     if site.groups == 1:
@@ -387,7 +385,7 @@ def check_adapters(gm: fx.GraphModule, slots: list[AdapterSlot], removals: Remov
     if merged:
         raise StructureError(f"adapters {merged} are merged into the weights; fxtune.unmerge(gm) or fuse first, then prune")
     for path, module in gm.named_modules():
-        if any(k.startswith("_fxtune_") for k in vars(module)):
+        if holds_replaced_weights(module):
             raise StructureError(
                 f"an adapter replaced the base weight of '{path}' (e.g. PiSSA) and fxtune keeps the original to restore it; "
                 "fuse first (fxtune.passes.fuse), then prune"
