@@ -27,7 +27,7 @@ from ..graph.channels.groups import ChannelGroup
 from ..graph.channels.names import op_name, sizes_arg
 from ..graph.discovery import is_conv1d, site_table
 from ..graph.signatures import replace_argument
-from ..graph.sites import join
+from ..graph.sites import SiteTable, join
 from .channel_compensate import compensate_constants
 from .restructure import Restructure
 
@@ -64,9 +64,9 @@ def _kept(size: int, gone: Tensor) -> Tensor:
 class Surgery:
     """Applies removals to the GraphModule `gm` (the pass's own copy)."""
 
-    def __init__(self, gm: fx.GraphModule, removals: Removals, literals: dict[tuple, list], constants: dict | None = None,
-                 constant_sizes: list | None = None):
-        self.gm = gm
+    def __init__(self, gm: fx.GraphModule, sites: SiteTable, removals: Removals, literals: dict[tuple, list],
+                 constants: dict | None = None, constant_sizes: list | None = None):
+        self.gm, self.sites = gm, sites  # sites of gm as given (valid through stripping, until slicing)
         self.constant_sizes = constant_sizes or []
         self.removals = dict(removals)
         self.literals = literals
@@ -76,13 +76,14 @@ class Surgery:
 
     def run(self) -> fx.GraphModule:
         slots = all_slots(self.gm)
+        plans = []
         if slots:
-            check_adapters(self.gm, slots, self.removals)
-            strip_sites(self.gm, site_table(self.gm))
+            plans = check_adapters(self.gm, slots, self.removals, self.sites)
+            strip_sites(self.gm, self.sites)
         for site, delta in self.constants.values():
             self._add_to_bias(site, delta)
         before = {path: self._tensor(path).shape for path, _ in self.removals}
-        self._slice_adapters(slots)
+        self._slice_adapters(plans)
         by_path: dict[str, dict[int, Tensor]] = {}
         for (path, axis), gone in self.removals.items():
             by_path.setdefault(path, {})[axis] = gone
@@ -153,8 +154,8 @@ class Surgery:
             new = new.contiguous()
         self._replace(old, new)
 
-    def _slice_adapters(self, slots: list[AdapterSlot]) -> None:
-        for slot, plan in adapter_plans(self.gm, slots, self.removals):
+    def _slice_adapters(self, plans: list[tuple[AdapterSlot, dict]]) -> None:
+        for slot, plan in plans:
             for name, slices in plan.items():
                 old = getattr(slot, name)
                 new = old.detach()
@@ -208,7 +209,7 @@ def remove_channels(
     tensors, literals = removed_positions(list(groups), remove)
     rows: list[tuple[str, str, str]] = []
     constants = compensate_constants(gm, groups, remove, example_inputs, rows) if compensate else None
-    Surgery(rs.gm, tensors, literals, constants, getattr(groups, "constant_sizes", [])).run()
+    Surgery(rs.gm, rs.sites, tensors, literals, constants, getattr(groups, "constant_sizes", [])).run()
     return rs.finish(), rows
 
 
@@ -335,9 +336,9 @@ def _site_removals(site: Any, removals: Removals) -> dict[str, Tensor]:
     return {"out": rows, "in_group": torch.zeros(0, dtype=torch.long), "in": channels}
 
 
-def adapter_plans(gm: fx.GraphModule, slots: list[AdapterSlot], removals: Removals) -> list[tuple[AdapterSlot, dict]]:
+def adapter_plans(table: SiteTable, slots: list[AdapterSlot], removals: Removals) -> list[tuple[AdapterSlot, dict]]:
     """How each adapter's tensors are sliced: {tensor: [(axis, kept index)]}; refusals raise StructureError."""
-    sites = {weight: group[0] for weight, group in site_table(gm).by_weight.items()}
+    sites = {weight: group[0] for weight, group in table.by_weight.items()}
     plans = []
     for slot in slots:
         site = sites.get(slot.weight_name)
@@ -379,8 +380,11 @@ def adapter_plans(gm: fx.GraphModule, slots: list[AdapterSlot], removals: Remova
     return plans
 
 
-def check_adapters(gm: fx.GraphModule, slots: list[AdapterSlot], removals: Removals) -> None:
-    """Refuses adapted graphs that slicing cannot keep exact: merged adapters, replaced base weights."""
+def check_adapters(
+    gm: fx.GraphModule, slots: list[AdapterSlot], removals: Removals, table: SiteTable
+) -> list[tuple[AdapterSlot, dict]]:
+    """Refuses adapted graphs that slicing cannot keep exact (merged adapters, replaced base weights); else
+    how each adapter's tensors are sliced (adapter_plans)."""
     merged = sorted({s.adapter for s in slots if s.merged})
     if merged:
         raise StructureError(f"adapters {merged} are merged into the weights; fxtune.unmerge(gm) or fuse first, then prune")
@@ -390,4 +394,4 @@ def check_adapters(gm: fx.GraphModule, slots: list[AdapterSlot], removals: Remov
                 f"an adapter replaced the base weight of '{path}' (e.g. PiSSA) and fxtune keeps the original to restore it; "
                 "fuse first (fxtune.passes.fuse), then prune"
             )
-    adapter_plans(gm, slots, removals)
+    return adapter_plans(table, slots, removals)
