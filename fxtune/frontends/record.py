@@ -6,13 +6,6 @@ values (the libraries' tracing rules used, the leaf modules they added, the reas
 
 from __future__ import annotations
 
-from torch import fx
-
 FRONTEND = "fxtune_frontend"
 TRACE_RECORD = "fxtune_trace"
 
-
-def frontend_of(gm: fx.GraphModule) -> str | None:
-    """The front end that traced `gm` ("fx" or "export"), or None for a graph fxtune did not trace."""
-    meta = getattr(gm, "meta", None)
-    return meta.get(FRONTEND) if isinstance(meta, dict) else None

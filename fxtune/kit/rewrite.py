@@ -156,6 +156,6 @@ class Rewrite(WorkingCopy):
         return slot
 
     def finish(self) -> fx.GraphModule:
-        """Realises the new adapters as graph code (lint and recompile once) and returns the GraphModule."""
+        """Realises the new adapters as graph nodes (linted once; code generated on first use); returns the GraphModule."""
         rebuild(self.gm, self.sites, self.touched)
         return self.gm

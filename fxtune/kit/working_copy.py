@@ -15,7 +15,7 @@ from ..graph.code_on_first_use import generate_code_on_first_use
 from ..graph.discovery import site_table
 from ..graph.ownership import clone_graph_module
 from ..graph.selection import Selector, select_weights
-from ..graph.sites import PART, Site, SiteTable
+from ..graph.sites import Site, SiteTable
 from ..graph.weights import Weights
 
 
@@ -39,12 +39,9 @@ class WorkingCopy:
         return self._table
 
     def module_path(self, weight_name: str) -> str:
-        """Where a weight's module is in this GraphModule: its name, less the part's path when the
-        GraphModule is a part of a model traced in parts (whose sites are named as in the whole)."""
-        part = self.gm.meta.get(PART)
-        if part and weight_name == part:  # the part is the layer itself
-            return ""
-        return weight_name[len(part) + 1:] if part and weight_name.startswith(part + ".") else weight_name
+        """Where a weight's module is in this GraphModule (in a part of a model traced in parts, sites are
+        named as in the whole model; their references are the part's own)."""
+        return self.site(weight_name).use_ref.owner
 
     def forget_sites(self) -> None:
         """After an edit that changes which modules the graph calls, sites are found again when next read."""
