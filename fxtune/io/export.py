@@ -40,6 +40,12 @@ def export_program(
     differs by more than `tolerance` × max(1, |output|) from gm's. gm keeps its state (buffers included).
     """
     args, kwargs = example_args(example_inputs, example_kwargs, error=ExportError, of="gm's")
+    return _checked_program(gm, args, kwargs, dynamic_batch, dynamic_shapes, tolerance)[0]
+
+
+def _checked_program(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic_batch: bool, dynamic_shapes: Any,
+                     tolerance: float) -> tuple[ExportedProgram, Any]:
+    """export_program's work: the program, and gm's outputs on the examples (which it was checked against)."""
     if dynamic_shapes is None and dynamic_batch:
         dynamic_shapes = _batch_shapes(gm, args, kwargs)
     try:
@@ -49,7 +55,7 @@ def export_program(
     expected = _run_kept(gm, gm, args, kwargs)
     got = _run_kept(gm, program.module(), args, kwargs)
     _compare(expected, got, tolerance, "the exported program", training=any(m.training for m in gm.modules()))
-    return program
+    return program, expected
 
 
 def export_onnx(
@@ -68,9 +74,7 @@ def export_onnx(
         if importlib.util.find_spec(package) is None:
             raise ExportError(f"export_onnx needs the optional package '{package}': {ONNX_INSTALL}")
     args, kwargs = example_args(example_inputs, example_kwargs, error=ExportError, of="gm's")
-    program = export_program(
-        gm, args, example_kwargs=kwargs, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes, tolerance=tolerance
-    )
+    program, expected = _checked_program(gm, args, kwargs, dynamic_batch, dynamic_shapes, tolerance)
     path = pathlib.Path(path)
     try:
         onnx_program = torch.onnx.export(program, args, kwargs=kwargs, dynamo=True, verbose=False)
@@ -86,7 +90,6 @@ def export_onnx(
     if importlib.util.find_spec("onnxruntime") is None:
         warn(f"{path} was written but not run: install onnxruntime ({ONNX_INSTALL}) to check it against the GraphModule")
         return path
-    expected = _run_kept(gm, gm, args, kwargs)
     _compare(expected, _run_onnx(path, program, args, _in_signature_order(gm, kwargs)), tolerance, f"the ONNX file {path} (onnxruntime)")
     return path
 
