@@ -168,6 +168,8 @@ def test_safetensors_not_matching_the_graph_is_refused(saved, tmp_path):
     (lambda d: nodes(d)[RELU].update(op="exec"), r"unknown op 'exec'"),
     (lambda d: nodes(d)[RELU].update(meta={"val": 1}), r"unknown key 'val'"),
     (lambda d: nodes(d).pop(), r"end with exactly one 'output' node"),
+    (lambda d: nodes(d).insert(1, {**nodes(d)[0], "name": "x_again"}),  # parts fx generates no valid code from
+     r"torch.fx cannot generate code for this graph: SyntaxError: duplicate argument"),
     (lambda d: d["module"]["children"][FC1][1].update(class_=1), r"unknown field\(s\) \['class_'\]"),
     (lambda d: d["module"]["children"][FC1][1]["parameters"][0].__setitem__(1, 99), r"99 is not a tensor index"),
     (lambda d: d["module"]["children"][FC1][1]["args"].update(in_features=4), r"weight' is \[32, 16\] in the file"),

@@ -111,6 +111,8 @@ def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str = "Grap
     for key, value in root.__dict__.items():
         if key.startswith(RECORD_PREFIX):
             gm.__dict__[key] = copy.copy(value)
+    if "_is_impure" in root.__dict__:  # fx's flag on a GraphModule called for its side effects (export's guards)
+        gm.__dict__["_is_impure"] = root.__dict__["_is_impure"]
     _adopt_constants(root, gm, graph)
     gm._graph = graph
     graph.owning_module = gm

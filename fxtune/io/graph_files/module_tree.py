@@ -172,12 +172,12 @@ class TreeReader:
         root.meta = {k: self.codec.decode(v, f"{where}.meta.{k}") for k, v in record["meta"].items()}
         graph = decode_graph(record["graph"], self.codec, self.allowed.annotation, f"{where}.graph")
         _check_targets(graph, root, where)
+        root.__dict__.update(check_fields(record.get("attributes", {}), f"{where}.attributes", {}, _GRAPH_ATTRIBUTES))
+        gm = build_graph_module(root, graph, class_name=record["class_name"])
         try:
-            gm = build_graph_module(root, graph, class_name=record["class_name"])
+            gm.recompile()  # now, not on first use: a file whose parts do not fit is refused when it is read
         except Exception as exc:  # torch.fx generating code from inconsistent parts (e.g. a signature and its inputs)
             raise GraphFileError(f"{where}: torch.fx cannot generate code for this graph: {type(exc).__name__}: {exc}") from None
-        for key, value in check_fields(record.get("attributes", {}), f"{where}.attributes", {}, _GRAPH_ATTRIBUTES).items():
-            gm.__dict__[key] = value
         return gm
 
     def _module(self, record: Any, path: str, called: set[str]) -> nn.Module:

@@ -111,11 +111,7 @@ def rebuild(class_name: str, state: dict, graph: dict, objects: list) -> fx.Grap
     table = ObjectTable(objects)
     root = nn.Module()
     root.__dict__.update(state)
-    new = build_graph_module(root, decode_graph(graph, table.codec(), table.get, f"pickled {class_name}", strict=False), class_name)
-    for key in ("_is_impure",):
-        if key in state:
-            new.__dict__[key] = state[key]
-    return new
+    return build_graph_module(root, decode_graph(graph, table.codec(), table.get, f"pickled {class_name}", strict=False), class_name)
 
 
 def _copied_graph(graph: fx.Graph, memo: dict) -> fx.Graph:
@@ -132,14 +128,9 @@ def _deepcopy(self: fx.GraphModule, memo: dict) -> fx.GraphModule:
     root = nn.Module()
     root.__dict__.update(copy.deepcopy(_state(self), memo))
     new = build_graph_module(root, _copied_graph(self.graph, memo), type(self).__name__)
-    if "_is_impure" in root.__dict__:
-        new.__dict__["_is_impure"] = root.__dict__["_is_impure"]
     memo[id(self)] = new
     return new
 
 
 def _copy(self: fx.GraphModule) -> fx.GraphModule:
-    new = build_graph_module(self, _copied_graph(self.graph, {}), type(self).__name__)
-    if "_is_impure" in self.__dict__:
-        new.__dict__["_is_impure"] = self.__dict__["_is_impure"]
-    return new
+    return build_graph_module(self, _copied_graph(self.graph, {}), type(self).__name__)
