@@ -25,7 +25,7 @@ from ..graph.ownership import RECORD_PREFIX, clone_graph_module
 from ..graph.weights import Weights
 from .base_weights import replaced_by
 from .realise import rebuild
-from .slots import AdapterSlot, add_slot, all_slots
+from .slots import AdapterSlot, adapter_names, add_slot, all_slots, require_adapters
 
 # + live name: a record in the GraphModule's __dict__ (clones copy it; graph files save it, so it is plain data):
 # {"source": the adapter whose values the live one holds, or None; "checked": adapters whose code was checked to match}
@@ -94,7 +94,7 @@ def hotswap(gm: nn.Module, adapter: str, *, live: str = "live", source: fx.Graph
             state["checked"] = sorted({*state["checked"], adapter})
     held = state["source"]
     with torch.no_grad():
-        if held is not None and held in {s.adapter for s in all_slots(gm)}:
+        if held is not None and held in adapter_names(gm):
             for target, slot in _slots_of(gm, held).items():
                 _copy_tensors(lives[target], slot)
         for target, slot in wanted.items():
@@ -133,19 +133,18 @@ def _check_name(gm: fx.GraphModule, live: str) -> None:
     """The live adapter's name becomes an attribute in the code: an unused identifier."""
     if not isinstance(live, str) or not live.isidentifier() or keyword.iskeyword(live) or hasattr(nn.Module(), live):
         raise AdapterError(f"live={live!r} cannot name an adapter: use a Python identifier that is no keyword (e.g. 'live')")
-    if live in {s.adapter for s in all_slots(gm)}:
+    if live in adapter_names(gm):
         raise AdapterError(f"this GraphModule already has an adapter named '{live}'; choose another live= name")
 
 
 def _bank(gm: fx.GraphModule, adapters: str | Iterable[str] | None) -> list[str]:
     """The adapters to swap among, in the order they were added, checked to exist and be unmerged."""
-    known = list(dict.fromkeys(s.adapter for s in all_slots(gm)))
+    known = adapter_names(gm)
     if not known:
         raise AdapterError("this GraphModule has no adapters to hot-swap; add some first (e.g. lora(gm, adapter='a'))")
-    chosen = known if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
-    unknown = sorted(set(chosen) - set(known))
-    if unknown or not chosen:
-        raise AdapterError(f"no adapter named {unknown or '(none given)'}; this GraphModule has {known}")
+    chosen = known if adapters is None else require_adapters(gm, adapters)
+    if not chosen:
+        raise AdapterError(f"no adapter named (none given); this GraphModule has {known}")
     merged = sorted({s.adapter for s in all_slots(gm) if s.merged and s.adapter in chosen})
     if merged:
         raise AdapterError(f"adapters {merged} are merged into the weights; fxtune.unmerge(gm) before prepare_hotswap")
@@ -154,11 +153,8 @@ def _bank(gm: fx.GraphModule, adapters: str | Iterable[str] | None) -> list[str]
 
 def _slots_of(gm: nn.Module, adapter: str) -> dict[str, AdapterSlot]:
     """{target: slot} of one adapter, in composition order."""
-    found = {s.weight_name: s for s in all_slots(gm) if s.adapter == adapter}
-    if not found:
-        names = sorted({s.adapter for s in all_slots(gm)})
-        raise AdapterError(f"no adapter named '{adapter}'; this GraphModule has {names}")
-    return found
+    require_adapters(gm, adapter)
+    return {s.weight_name: s for s in all_slots(gm) if s.adapter == adapter}
 
 
 def _describe(slot: AdapterSlot) -> dict:
