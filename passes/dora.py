@@ -33,7 +33,7 @@ from torch import fx, nn
 
 import fxtune
 from fxtune import AdapterError, AdapterKind
-from fxtune.kit import branch_is_cheaper, factored_down, plus_factored, rank_and_scale
+from fxtune.kit import branch_is_cheaper, factored_down, plus_factored, rank_and_scale, rank_and_scale_problems
 
 
 def _row_norm(v: torch.Tensor) -> torch.Tensor:
@@ -77,14 +77,7 @@ def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.
 
 def check_settings(config: dict, tensors: dict) -> list[str]:
     """r is the factors' rank and scale what alpha, r and rslora give (a saved file cannot say otherwise)."""
-    r, alpha, a = config.get("r"), config.get("alpha"), tensors.get("lora_a")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)):
-        return [f"r={r!r}, alpha={alpha!r}; r must be a positive int and alpha a number"]
-    problems = [] if a is None or a.shape[0] == r else [f"r={r}, but lora_a {list(a.shape)} has rank {a.shape[0]}"]
-    expected = alpha / math.sqrt(r) if config.get("rslora") else alpha / r
-    if not isinstance(config.get("scale"), (int, float)) or not math.isclose(config["scale"], expected, rel_tol=1e-9):
-        problems.append(f"scale={config.get('scale')!r}, but alpha={alpha}, r={r}, rslora={config.get('rslora')} give {expected!r}")
-    return problems
+    return rank_and_scale_problems(config, tensors.get("lora_a"))
 
 
 KIND = fxtune.register_kind(

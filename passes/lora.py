@@ -18,7 +18,9 @@ from torch import fx, nn
 
 import fxtune
 from fxtune import AdapterError, AdapterKind
-from fxtune.kit import branch_is_cheaper, checked_fraction, factored_down, plus_factored, rank_and_scale
+from fxtune.kit import (
+    branch_is_cheaper, checked_fraction, factored_down, plus_factored, rank_and_scale, rank_and_scale_problems, scale_of,
+)
 
 
 def lora_weight(w: torch.Tensor, *, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -57,14 +59,7 @@ def check_settings(config: dict, tensors: dict) -> list[str]:
     problems += [f"unknown setting '{k}' (LoRA's settings: {', '.join(SETTINGS)})" for k in config if k not in SETTINGS]
     if problems:
         return problems
-    r, alpha, a, b = config["r"], config["alpha"], tensors.get("lora_a"), tensors.get("lora_b")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        return [f"r={r!r}, alpha={alpha!r}; r must be a positive int and alpha a number"]
-    if a is not None and b is not None and (a.shape[0] != r or b.shape[1] != r):
-        problems.append(f"r={r}, but lora_a {list(a.shape)} and lora_b {list(b.shape)} have rank {a.shape[0]}")
-    expected = alpha / math.sqrt(r) if config["rslora"] else alpha / r
-    if not isinstance(config["scale"], (int, float)) or not math.isclose(config["scale"], expected, rel_tol=1e-9):
-        problems.append(f"scale={config['scale']!r}, but alpha={alpha}, r={r}, rslora={config['rslora']} give {expected!r}")
+    problems = rank_and_scale_problems(config, tensors.get("lora_a"), tensors.get("lora_b"))
     if (config["init"] == "pissa") != ("pissa_a0" in tensors):
         problems.append(f"init={config['init']!r} does not fit its tensors ({sorted(tensors)})")
     return problems
@@ -161,7 +156,7 @@ class LoraPeft(fxtune.PeftFormat):
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1 or not isinstance(rslora, bool):
             return f"lora_dropout={dropout!r}, use_rslora={rslora!r}; dropout must be in [0, 1) and use_rslora a bool"
         init = "gaussian" if config.get("init_lora_weights", True) == "gaussian" else "default"
-        settings = {"r": r, "alpha": alpha, "scale": alpha / math.sqrt(r) if rslora else alpha / r,
+        settings = {"r": r, "alpha": alpha, "scale": scale_of(r, alpha, rslora),
                     "rslora": rslora, "init": init, "dropout": float(dropout)}
         return {"params": {"lora_a": a, "lora_b": b}, "config": settings}
 

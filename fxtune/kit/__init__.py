@@ -11,7 +11,9 @@ from ..graph.selection import name_chosen
 from .channel_groups import channel_groups
 from .channel_importance import unit_importance
 from .channel_surgery import remove_channels
-from .factored import branch_is_cheaper, checked_fraction, factored_down, plus_factored, rank_and_scale
+from .factored import (
+    branch_is_cheaper, checked_fraction, factored_down, plus_factored, rank_and_scale, rank_and_scale_problems, scale_of,
+)
 from .masks import MaskSpec, centre_tap, channel_masks, masked_bias, weight_mask
 from .restructure import Restructure
 from .rewrite import Rewrite
@@ -20,6 +22,6 @@ from .working_copy import WorkingCopy
 
 __all__ = [
     "MaskSpec", "Restructure", "Rewrite", "WorkingCopy", "branch_is_cheaper", "centre_tap", "channel_groups", "channel_masks",
-    "checked_fraction", "factored_down", "masked_bias", "name_chosen", "per_site", "plus_factored", "rank_and_scale", "remove_channels",
+    "checked_fraction", "factored_down", "masked_bias", "name_chosen", "per_site", "plus_factored", "rank_and_scale", "rank_and_scale_problems", "remove_channels", "scale_of",
     "unit_importance", "weight_mask",
 ]

@@ -56,7 +56,30 @@ def rank_and_scale(site: Site, *, r: Any, alpha: Any, stabilized: Any) -> tuple[
     if not _finite_number(alpha):
         raise AdapterError(f"alpha must be a finite number, got {alpha!r} for '{site.name}'")
     stabilized = bool(per_site(stabilized, site, False))
-    return r, alpha, stabilized, alpha / math.sqrt(r) if stabilized else alpha / r
+    return r, alpha, stabilized, scale_of(r, alpha, stabilized)
+
+
+def scale_of(r: int, alpha: float, stabilized: bool) -> float:
+    """A rank-r delta's scale: alpha/r, or alpha/sqrt(r) rank-stabilized (rsLoRA)."""
+    return alpha / math.sqrt(r) if stabilized else alpha / r
+
+
+def rank_and_scale_problems(config: dict, a: Any, b: Any = None, *, names: tuple[str, str] = ("lora_a", "lora_b")) -> list[str]:
+    """What a saved rank-r adapter's settings get wrong against its factors A (rank on dim 0) and, if given,
+    B (rank on dim 1): r must be their rank, alpha a number, scale what alpha, r and `rslora` give."""
+    r, alpha = config.get("r"), config.get("alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return [f"r={r!r}, alpha={alpha!r}; r must be a positive int and alpha a number"]
+    problems = []
+    if a is not None and b is not None and (a.shape[0] != r or b.shape[1] != r):
+        problems.append(f"r={r}, but {names[0]} {list(a.shape)} and {names[1]} {list(b.shape)} have rank {a.shape[0]}")
+    elif a is not None and b is None and a.shape[0] != r:
+        problems.append(f"r={r}, but {names[0]} {list(a.shape)} has rank {a.shape[0]}")
+    expected = scale_of(r, alpha, bool(config.get("rslora")))
+    scale = config.get("scale")
+    if not isinstance(scale, (int, float)) or not math.isclose(scale, expected, rel_tol=1e-9):
+        problems.append(f"scale={scale!r}, but alpha={alpha}, r={r}, rslora={config.get('rslora')} give {expected!r}")
+    return problems
 
 
 def checked_fraction(value: Any, name: str, site: Site) -> float:
