@@ -77,7 +77,7 @@ def _activation(em: fxtune.Emitter, x: fx.Node, y: fx.Node, inputs: dict) -> fx.
 
 def check_settings(config: dict, tensors: dict) -> list[str]:
     """r is the factors' rank and scale what alpha, r and rslora give (a saved file cannot say otherwise)."""
-    return rank_and_scale_problems(config, tensors.get("lora_a"))
+    return rank_and_scale_problems(config, {"lora_a": tensors.get("lora_a")}, stabilized="rslora")
 
 
 KIND = fxtune.register_kind(

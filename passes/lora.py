@@ -59,7 +59,7 @@ def check_settings(config: dict, tensors: dict) -> list[str]:
     problems += [f"unknown setting '{k}' (LoRA's settings: {', '.join(SETTINGS)})" for k in config if k not in SETTINGS]
     if problems:
         return problems
-    problems = rank_and_scale_problems(config, tensors.get("lora_a"), tensors.get("lora_b"))
+    problems = rank_and_scale_problems(config, {"lora_a": tensors.get("lora_a"), "lora_b": tensors.get("lora_b")}, stabilized="rslora")
     if (config["init"] == "pissa") != ("pissa_a0" in tensors):
         problems.append(f"init={config['init']!r} does not fit its tensors ({sorted(tensors)})")
     return problems

@@ -60,13 +60,16 @@ def rank_and_scale(site: Site, *, r: Any, alpha: Any, stabilized: Any) -> tuple[
 
 
 def scale_of(r: int, alpha: float, stabilized: bool) -> float:
-    """A rank-r delta's scale: alpha/r, or alpha/sqrt(r) rank-stabilized (rsLoRA)."""
+    """A rank-r delta's scale: alpha/r, or alpha/sqrt(r) rank-stabilized."""
     return alpha / math.sqrt(r) if stabilized else alpha / r
 
 
-def rank_and_scale_problems(config: dict, a: Any, b: Any = None, *, names: tuple[str, str] = ("lora_a", "lora_b")) -> list[str]:
-    """What a saved rank-r adapter's settings get wrong against its factors A (rank on dim 0) and, if given,
-    B (rank on dim 1): r must be their rank, alpha a number, scale what alpha, r and `rslora` give."""
+def rank_and_scale_problems(config: dict, factors: dict[str, Any], *, stabilized: str) -> list[str]:
+    """What a saved rank-r adapter's settings get wrong against `factors` ({A's name: A (rank on dim 0)} and
+    optionally B's, rank on dim 1): r must be their rank, alpha a number, scale what alpha, r and the
+    config's `stabilized` flag give."""
+    names = list(factors)
+    a, b = factors[names[0]], factors[names[1]] if len(names) > 1 else None
     r, alpha = config.get("r"), config.get("alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         return [f"r={r!r}, alpha={alpha!r}; r must be a positive int and alpha a number"]
@@ -75,10 +78,10 @@ def rank_and_scale_problems(config: dict, a: Any, b: Any = None, *, names: tuple
         problems.append(f"r={r}, but {names[0]} {list(a.shape)} and {names[1]} {list(b.shape)} have rank {a.shape[0]}")
     elif a is not None and b is None and a.shape[0] != r:
         problems.append(f"r={r}, but {names[0]} {list(a.shape)} has rank {a.shape[0]}")
-    expected = scale_of(r, alpha, bool(config.get("rslora")))
+    expected = scale_of(r, alpha, bool(config.get(stabilized)))
     scale = config.get("scale")
     if not isinstance(scale, (int, float)) or not math.isclose(scale, expected, rel_tol=1e-9):
-        problems.append(f"scale={scale!r}, but alpha={alpha}, r={r}, rslora={config.get('rslora')} give {expected!r}")
+        problems.append(f"scale={scale!r}, but alpha={alpha}, r={r}, {stabilized}={config.get(stabilized)} give {expected!r}")
     return problems
 
 
