@@ -10,7 +10,6 @@ A pass reads like this (its own code stays about the technique):
 
 from __future__ import annotations
 
-import inspect
 import keyword
 from typing import Any
 
@@ -21,7 +20,7 @@ from ..adapter.base_weights import replace_base, replaced_by, traced_weight
 from ..adapter.kinds import get_kind
 from ..adapter.fusion import folded_tensors
 from ..adapter.realise import rebuild
-from ..adapter.slots import AdapterSlot, add_slot, all_slots, next_order, slots_on
+from ..adapter.slots import AdapterSlot, add_slot, all_slots, next_order, slots_by_weight
 from ..errors import AdapterError
 from .working_copy import WorkingCopy
 
@@ -44,6 +43,7 @@ class Rewrite(WorkingCopy):
         self.adapter = adapter
         self.touched: set[str] = set()
         self._order = next_order(self.gm)  # composition order of the next slot
+        self._on_weight = slots_by_weight(self.gm, active_only=False)  # read once; attach() keeps it current
         if not self.kind.companion:
             other = {s.kind for s in all_slots(self.gm) if s.adapter == adapter and not get_kind(s.kind).companion}
             other.discard(self.kind.name)
@@ -55,7 +55,7 @@ class Rewrite(WorkingCopy):
 
     def adapters_on(self, weight_name: str) -> list[AdapterSlot]:
         """The adapters already on a weight (active or not, merged or not), in composition order."""
-        return slots_on(self.gm, weight_name, active_only=False)
+        return list(self._on_weight.get(weight_name, []))
 
     def entering(self, weight_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W, b) as a new adapter on this weight will receive them: the base under the active adapters
@@ -64,7 +64,7 @@ class Rewrite(WorkingCopy):
         so it starts as the identity on top of what is there."""
         site = self.site(weight_name)
         weight, bias = self.weight(weight_name), self.bias(weight_name)
-        acting = [s for s in slots_on(self.gm, weight_name) if not s.merged]
+        acting = [s for s in self._on_weight.get(weight_name, []) if s.active and not s.merged]
         if not acting or weight.is_meta:  # no values to compose: the kind sees the base (and may refuse meta)
             return weight, bias
         return folded_tensors(weight, bias, acting, site.kept)
@@ -86,7 +86,7 @@ class Rewrite(WorkingCopy):
         if restore is None:
             return {}
         site, weight = self.site(weight_name), self.entering_weight(weight_name)
-        if "base" in inspect.signature(restore).parameters:
+        if "base" in self.kind.accepted(restore, {"base": None}):
             return restore(site, weight, config, tensors, base=self.traced_weight(weight_name)) or {}
         return restore(site, weight, config, tensors) or {}
 
@@ -151,6 +151,7 @@ class Rewrite(WorkingCopy):
         for name, module in (modules or {}).items():
             slot.add_module(name, module)
         add_slot(self.gm, slot)
+        self._on_weight.setdefault(weight_name, []).append(slot)
         self._order += 1
         self.touched.add(weight_name)
         return slot
