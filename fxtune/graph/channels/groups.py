@@ -61,7 +61,6 @@ class ChannelGroup:
     channel_units: Tensor  # unit of each channel (a position of a producer's output)
     members: list[Member]
     reasons: list[Reason] = field(default_factory=list)
-    roots: Tensor = field(default=None, repr=False)
 
     @property
     def channels(self) -> int:
@@ -238,7 +237,6 @@ def assemble(analysis: Analysis) -> ChannelGroups:
             channel_units=unit_of[torch.tensor(channel_roots, dtype=torch.long)],
             members=[],
             reasons=sorted(reasons, key=lambda r: r.kind != HARD)[:6],
-            roots=torch.tensor(unique, dtype=torch.long),
         ))
     _attach_members(analysis, groups, rooted, group_of, unit_of)
     found = ChannelGroups(groups)

@@ -95,9 +95,6 @@ class Items:
         """The root of every item, as one tensor (index by item id)."""
         return torch.tensor([self.find(i) for i in range(len(self.parent))], dtype=torch.long)
 
-    def blocked(self, root: int) -> list[Reason]:
-        return self.reasons.get(self.find(root), [])
-
 
 @dataclass
 class Dyn:

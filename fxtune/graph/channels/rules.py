@@ -200,9 +200,7 @@ class Analysis(OpRules, ShapeRules):
         label = f"'{node.target}' ({type(module).__name__})"
         if not isinstance(x, Flow) or shape is None:
             return self.unknown(node, label)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return self.channel_norm(x, module, node.target, affine=module.affine)
-        if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
             return self.channel_norm(x, module, node.target, affine=module.affine)
         if isinstance(module, nn.LayerNorm):
             return self.layer_norm(node, x, len(module.normalized_shape), module.weight, module.bias, f"{node.target}.", label)

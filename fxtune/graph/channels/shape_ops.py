@@ -140,10 +140,9 @@ class ShapeRules:
             e = parts.index(Ellipsis)
             parts = parts[:e] + [slice(None)] * (x.rank - used) + parts[e + 1:]
         parts += [slice(None)] * (x.rank - sum(1 for p in parts if p is not None))
-        flow, d, out_dims = x, 0, []
+        flow, d = x, 0
         for position, p in enumerate(parts):
             if p is None:
-                out_dims.append(None)
                 continue
             if isinstance(p, int):
                 if d in flow.ids:
@@ -154,6 +153,5 @@ class ShapeRules:
                 if d in flow.ids and (start, stop, step) != (0, flow.shape[d], 1):
                     self.literals.append(Literal(node.name, "slice", d, flow.ids[d], ("getitem", start, stop, position, tuple(parts))))
                 flow = cf.narrow(self.items, flow, d, start, stop, step, label)
-                out_dims.append(d)
             d += 1
         return cf.reshape(self.items, flow, self.out_shape(node), label)
