@@ -71,6 +71,21 @@ def test_directory_holds_json_and_safetensors_only(traced, tmp_path):
     assert torch.equal(stored["stem.weight"], traced.stem.weight)
 
 
+def test_a_save_that_fails_midway_leaves_the_previous_files(traced, mixed, tmp_path, monkeypatch):
+    save(traced, tmp_path / "d")
+    before = {name: (tmp_path / "d" / name).read_bytes() for name in os.listdir(tmp_path / "d")}
+
+    def failing(tensors, file, metadata=None):
+        open(file, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("fxtune.io.graph_files.store.save_file", failing)
+    with pytest.raises(OSError, match="disk full"):
+        save(mixed, tmp_path / "d")
+    assert {name: (tmp_path / "d" / name).read_bytes() for name in os.listdir(tmp_path / "d")} == before
+    assert_same_graph_module(load(tmp_path / "d"), traced, X)
+
+
 def test_adapted_round_trip_is_exact_and_trainable(mixed, tmp_path):
     loaded = round_trip(mixed, tmp_path)
     assert_same_graph_module(loaded, mixed, X)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import fx
 
 from ...errors import warn
+from ..files import write_files
 from .targets import Allowed, name_callable
 from .values import GraphFileError, ValueCodec, check_fields, expect
 from ...adapter.kinds import registered_kinds
@@ -49,18 +50,25 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     codec = ValueCodec(callable=name_callable, tensor=tensors.add)
     module = TreeWriter(codec, tensors).graph_module(gm)
     os.makedirs(path, exist_ok=True)
-    tensor_file = os.path.join(path, TENSORS_NAME)
-    save_file(tensors.data, tensor_file, metadata={"format": FORMAT})
-    document = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "fxtune_version": __version__,
-        "torch_version": torch.__version__,
-        "tensors": {"sha256": _sha256(tensor_file), "data": tensors.entries, "objects": tensors.objects},
-        "module": module,
-    }
-    with open(os.path.join(path, GRAPH_NAME), "w") as f:
-        f.write(_pretty(document) + "\n")
+    digest = {}
+
+    def write_tensors(file: str) -> None:
+        save_file(tensors.data, file, metadata={"format": FORMAT})
+        digest["sha256"] = _sha256(file)
+
+    def write_graph(file: str) -> None:
+        document = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fxtune_version": __version__,
+            "torch_version": torch.__version__,
+            "tensors": {"sha256": digest["sha256"], "data": tensors.entries, "objects": tensors.objects},
+            "module": module,
+        }
+        with open(file, "w") as f:
+            f.write(_pretty(document) + "\n")
+
+    write_files(str(path), {TENSORS_NAME: write_tensors, GRAPH_NAME: write_graph})  # tensors first: the graph names their hash
 
 
 def load(path: str | os.PathLike, *, allow: Iterable[Any] = ()) -> fx.GraphModule:
