@@ -17,7 +17,7 @@ from ..graph.discovery import discover_sites
 from ..io.export import export_onnx, export_program
 from ..io.graph_files import load
 from ..io.graph_files.store import GRAPH_NAME as GRAPH_FILE
-from .options import parse_shape, vocabulary_size
+from .options import example_input, input_dtype, parse_shape
 
 GRAPH_DIR = "graph"  # where `apply --out DIR` puts the GraphModule
 
@@ -41,20 +41,13 @@ def load_saved(path: str, allow: list[str]) -> fx.GraphModule:
 
 def _example(gm: fx.GraphModule, shape: tuple[int, ...], dtype_name: str, seed: int) -> torch.Tensor:
     """A reproducible input for a saved GraphModule: token ids when its first input feeds an embedding."""
-    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
-    tokens = any(s.layer == "embedding" and s.input is first for s in discover_sites(gm))
-    name = ("int64" if tokens else "float32") if dtype_name == "auto" else dtype_name
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise FxtuneError(f"--input-dtype {dtype_name!r} is no torch dtype; use e.g. float32, int64 or auto")
-    g = torch.Generator().manual_seed(seed)
-    if dtype.is_floating_point:
-        return torch.randn(shape, generator=g).to(dtype)
-    size = vocabulary_size(gm)
-    if size is None:
-        raise FxtuneError("integer inputs are token ids, but the GraphModule has no nn.Embedding to say how many; "
-                          "use --input-dtype float32")
-    return torch.randint(0, size, shape, generator=g, dtype=dtype)
+    if dtype_name == "auto":  # a saved GraphModule has no config to ask (options.input_dtype); its graph says
+        first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+        tokens = any(s.layer == "embedding" and s.input is first for s in discover_sites(gm))
+        dtype = torch.int64 if tokens else torch.float32
+    else:
+        dtype = input_dtype(dtype_name, gm)
+    return example_input(gm, shape, dtype, seed)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
