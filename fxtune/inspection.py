@@ -13,7 +13,7 @@ from .frontends.trace import trace
 from .graph.coverage import Coverage, coverage_of
 from .graph.discovery import discover_sites
 from .graph.ownership import NAMESPACE, trainable_names
-from .graph.parts import gathered, is_parted, parts_of
+from .graph.parts import gathered, graphs_of, is_parted
 from .graph.sites import join
 
 
@@ -87,13 +87,13 @@ def masked_entries(gm: nn.Module, *, trainable_only: bool = False) -> int:
 def summary(gm: fx.GraphModule) -> str:
     """A table of call sites with their adapters, and a totals line with the trainable share (for a model
     traced in parts, the sites of every part)."""
-    rows = gathered(gm, summary_rows) if is_parted(gm) else summary_rows(gm)
+    rows = gathered(gm, summary_rows)
     table = tabulate(
         [[r["site"], r["module"], r["weight"], r["adapters"] or "-", f"{r['params']:,}", f"{r['trainable']:,}"] for r in rows],
         headers=["site", "module", "weight", "adapters", "params", "trainable"],
         colalign=("left", "left", "left", "left", "right", "right"),
     )
-    graphs = [part for _, part in parts_of(gm)] if is_parted(gm) else [gm]
+    graphs = graphs_of(gm)
     total = sum(p.numel() for p in gm.parameters()) - sum(masked_entries(g) for g in graphs)
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad) - sum(masked_entries(g, trainable_only=True) for g in graphs)
     adapted = sum(1 for r in rows if r["adapted"])

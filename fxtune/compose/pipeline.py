@@ -12,7 +12,7 @@ from torch import fx
 
 from ..adapter.slots import slots_by_weight
 from ..graph.discovery import discover_sites
-from ..graph.parts import is_parted, parts_of
+from ..graph.parts import graphs_of
 from ..graph.weights import Weights
 from .registry import pass_label
 
@@ -31,7 +31,7 @@ class PassRecord:
 def _fingerprint(gm: fx.GraphModule) -> dict[str, tuple]:
     """Per site: its adapters and the identity of its weight, to tell which sites a pass changed."""
     out = {}
-    for graph in [part for _, part in parts_of(gm)] if is_parted(gm) else [gm]:
+    for graph in graphs_of(gm):
         store, by_weight = Weights(graph), slots_by_weight(graph, active_only=False)
         for site in discover_sites(graph):
             slots = by_weight.get(site.weight_name, [])

@@ -20,7 +20,6 @@ from torch import fx, nn
 from ..errors import SelectionError
 from .ownership import RECORD_PREFIX, clone_graph_module, own_module_tree, replace_submodule
 from .selection import listing, sites
-from .sites import PART
 
 PARTS = RECORD_PREFIX + "parts"  # on the model: the paths of its GraphModule parts, in order
 
@@ -33,6 +32,11 @@ def is_parted(module: Any) -> bool:
 def parts_of(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
     """(path, GraphModule) of every part, in the order they were listed."""
     return [(path, model.get_submodule(path)) for path in model.__dict__[PARTS]]
+
+
+def graphs_of(model: nn.Module) -> list[fx.GraphModule]:
+    """The GraphModules a model consists of: its parts if it was traced in parts, else itself."""
+    return [part for _, part in parts_of(model)] if is_parted(model) else [model]
 
 
 def with_parts(model: nn.Module, new_parts: dict[str, fx.GraphModule]) -> nn.Module:
@@ -118,10 +122,10 @@ def each_part(fn: Callable) -> Callable:
 
 
 def gathered(model: nn.Module, fn: Callable[[fx.GraphModule], Iterable]) -> list:
-    """fn(part) of every part, concatenated (a list of sites, of summary rows...)."""
+    """fn(graph) of every graph of the model (its parts, or itself), concatenated (sites, summary rows...)."""
     out: list = []
-    for _, part in parts_of(model):
-        out.extend(fn(part))
+    for graph in graphs_of(model):
+        out.extend(fn(graph))
     return out
 
 

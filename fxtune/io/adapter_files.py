@@ -21,7 +21,7 @@ from ..adapter.kinds import registered_kinds
 from ..adapter.slots import AdapterSlot, all_slots
 from ..errors import AdapterError
 from ..graph.discovery import site_table
-from ..graph.parts import is_parted, parts_of, with_parts
+from ..graph.parts import graphs_of, is_parted, parts_of, with_parts
 from ..kit.rewrite import Rewrite
 from ..version import __version__
 from .adapter_schema import FORMAT, FORMAT_VERSION, schema_problems
@@ -77,7 +77,7 @@ def _slot_record(slot: AdapterSlot, tensors: dict[str, torch.Tensor], weight_sha
 def adapter_state(gm: fx.GraphModule, adapter: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """One adapter of gm (or of every part of a model traced in parts) as data: a JSON-able description
     and its tensors (masked entries left out). Targets are the weights' names in the whole model."""
-    graphs = [part for _, part in parts_of(gm)] if is_parted(gm) else [gm]
+    graphs = graphs_of(gm)
     if not any(s.adapter == adapter for g in graphs for s in all_slots(g)):
         names = sorted({s.adapter for g in graphs for s in all_slots(g)})
         raise AdapterError(f"no adapter named '{adapter}'; this model has {names or 'none'}")
