@@ -19,7 +19,8 @@ from torch import fx, nn
 
 from ..errors import SelectionError
 from .ownership import RECORD_PREFIX, clone_graph_module, own_module_tree, replace_submodule
-from .selection import listing, sites
+from .discovery import site_table
+from .selection import choose, listing
 
 PARTS = RECORD_PREFIX + "parts"  # on the model: the paths of its GraphModule parts, in order
 
@@ -49,12 +50,6 @@ def with_parts(model: nn.Module, new_parts: dict[str, fx.GraphModule]) -> nn.Mod
     return copy
 
 
-def _site_names(part: fx.GraphModule) -> set[str]:
-    from .discovery import discover_sites  # discovery reads parts' prefixes: imported when a model is parted
-
-    return {s.name for s in discover_sites(part)}
-
-
 def _is_names(selector: Any) -> bool:
     return selector is not None and not isinstance(selector, (str, re.Pattern, type)) and not callable(selector)
 
@@ -64,26 +59,28 @@ def _restricted(selector: Any, names: set[str]) -> Any:
     return [n for n in selector if n in names] if _is_names(selector) else selector
 
 
-def _selection_plan(model: nn.Module, targets: Any, exclude: Any) -> dict[str, tuple[Any, Any]]:
-    """{part path: (targets, exclude) for that part} for the parts the selection reaches; errors as `sites` gives them."""
+def _selection_plan(model: nn.Module, targets: Any, exclude: Any) -> dict[str, tuple[Any, Any, list]]:
+    """{part path: (targets, exclude, chosen sites) for that part} for the parts the selection reaches (sites
+    found once per part); errors as `sites` gives them."""
     targets = list(targets) if _is_names(targets) else targets
     exclude = list(exclude) if _is_names(exclude) else exclude
-    names = {path: _site_names(part) for path, part in parts_of(model)}
+    tables = {path: site_table(part) for path, part in parts_of(model)}
+    names = {path: {s.name for s in table} for path, table in tables.items()}
     every = set().union(*names.values())
     for role, selector in (("targets", targets), ("exclude", exclude)):
         unknown = sorted(n for n in selector if n not in every) if _is_names(selector) else []
         if unknown:
             raise SelectionError(f"{role} names no site of any part: {unknown}. Available sites: {listing(sorted(every))}")
     plan = {}
-    for path, part in parts_of(model):
-        part_targets = _restricted(targets, names[path])
+    for path in tables:
+        part_targets, part_exclude = _restricted(targets, names[path]), _restricted(exclude, names[path])
         if _is_names(targets) and not part_targets:
             continue
         try:
-            sites(part, part_targets, exclude=_restricted(exclude, names[path]))
+            chosen = choose(tables[path], part_targets, exclude=part_exclude)
         except SelectionError:
             continue  # this part has none of the chosen sites
-        plan[path] = (part_targets, _restricted(exclude, names[path]))
+        plan[path] = (part_targets, part_exclude, chosen)
     if not plan:
         raise SelectionError(f"targets={targets!r} exclude={exclude!r} selects no site in any part of the model. "
                              f"Available sites: {listing(sorted(every))}")
@@ -132,4 +129,4 @@ def gathered(model: nn.Module, fn: Callable[[fx.GraphModule], Iterable]) -> list
 def parted_sites(model: nn.Module, targets: Any = None, *, exclude: Any = None) -> list:
     """`fxtune.sites` of a model traced in parts: the chosen sites of every part, named as in the model."""
     plan = _selection_plan(model, targets, exclude)
-    return [site for path, part in parts_of(model) if path in plan for site in sites(part, plan[path][0], exclude=plan[path][1])]
+    return [site for path in plan for site in plan[path][2]]
