@@ -80,6 +80,7 @@ class Surgery:
         if slots:
             plans = check_adapters(self.gm, slots, self.removals, self.sites)
             strip_sites(self.gm, self.sites)
+        self.by_name = {n.name: n for n in self.gm.graph.nodes}  # the base graph's nodes (edits add none it looks up)
         for site, delta in self.constants.values():
             self._add_to_bias(site, delta)
         before = {path: self._tensor(path).shape for path, _ in self.removals}
@@ -94,9 +95,8 @@ class Surgery:
             module = self.modules.get(owner)
             if module is not None:
                 fix_attributes(module, {path.rpartition(".")[2]: before[path] for path in by_path if path.rpartition(".")[0] == owner})
-        by_name = {n.name: n for n in self.gm.graph.nodes}
         for name, dim, value in self.constant_sizes:
-            set_size(by_name[name], dim, value)
+            set_size(self.by_name[name], dim, value)
         for key, entries in self.literals.items():
             self._edit_literal(key, entries)
         self._drop_unused_sizes()
@@ -131,7 +131,7 @@ class Surgery:
         if (site.use_ref.path, out_axis) in self.removals:
             self.removals[(path, 0)] = self.removals[(site.use_ref.path, out_axis)]
         if site.call == "function":
-            node = next(n for n in self.gm.graph.nodes if n.name == site.node.name)
+            node = self.by_name[site.node.name]
             with self.gm.graph.inserting_before(node):
                 getter = self.gm.graph.get_attr(path)
             replace_argument(node, "bias", getter)
@@ -184,7 +184,7 @@ class Surgery:
                 value = size - gone.numel()
             setattr(module, literal.extra, value)
             return
-        node = next(n for n in self.gm.graph.nodes if n.name == node_name)
+        node = self.by_name[node_name]
         if kind in ("sizes", "unflatten"):
             _edit_sizes(node, kind, dim, gone.numel(), literal.extra, size)
         elif kind == "split":
